@@ -1,0 +1,87 @@
+"""Data set spec strings -> :class:`TaskData`.
+
+Accepted specs:
+
+* ``NAME`` or ``suite:NAME``: a task of the embedded offline suite (``vtvc_pyro.data.suite``);
+  sources: ``digits``, ``digits-inverted``, ..., ``parity``, ``textures``, ``faces``; held-out
+  targets: ``rot-noise``, ``inv-tint``, ``mixed``.
+* ``imagefolder:PATH``: ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*.png`` (optional
+  ``PATH/val``), read with torchvision's ``ImageFolder``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+from . import suite
+from .suite import TaskData
+
+SUITE_TASKS = (*suite.SOURCES, *suite.TARGETS)
+
+
+def list_datasets() -> list[str]:
+    """Every spec of the embedded suite, plus the ``imagefolder:PATH`` form."""
+    return [*SUITE_TASKS, "imagefolder:PATH"]
+
+
+def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE) -> TaskData:
+    """Resolve a spec string to images, labels, class names and templates.
+
+    Usage::
+
+        task = load_dataset("mixed", seed=0)
+        images, labels = task.split("test")
+    """
+    kind, _, rest = spec.partition(":") if ":" in spec else ("suite", "", spec)
+    if kind == "suite":
+        if rest in suite.TARGETS:
+            return suite.target_task(rest, seed)
+        if rest in suite.SOURCES:
+            return suite.source_task(rest, seed)
+        raise DataError(f"unknown data set spec {spec!r}: use one of {', '.join(SUITE_TASKS)} or imagefolder:PATH")
+    if kind == "imagefolder":
+        return _imagefolder(Path(rest), image_size)
+    raise DataError(f"unknown data set spec {spec!r}: use one of {', '.join(SUITE_TASKS)} or imagefolder:PATH")
+
+
+def _imagefolder(root: Path, image_size: int) -> TaskData:
+    from torchvision import datasets, transforms
+
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"imagefolder root {root} needs train/<class>/ and test/<class>/ subfolders of images")
+    tf = transforms.Compose([
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Lambda(lambda x: suite.normalize(x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3])),
+    ])
+    splits, classes = {}, None
+    for split in ("train", "val", "test"):
+        if not (root / split).is_dir():
+            continue
+        ds = datasets.ImageFolder(str(root / split), transform=tf)
+        if classes is not None and ds.classes != classes:
+            raise DataError(f"{root / split} has classes {ds.classes}, but train has {classes}; use the same class folders")
+        classes = ds.classes
+        if len(ds) == 0:
+            raise DataError(f"{root / split} holds no images: put images in {root / split}/<class>/")
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        splits[split] = (torch.stack(xs), torch.tensor(ys))
+    names = tuple(c.replace("_", " ") for c in classes)
+    return TaskData(f"imagefolder:{root}", names, ("a photo of a {}.",), splits)
+
+
+def with_validation(task: TaskData, seed: int = 0, fraction: float = 0.1) -> TaskData:
+    """Return ``task`` with a ``val`` split, carved from train (``fraction``, seeded) when missing."""
+    if "val" in task.splits:
+        return task
+    x, y = task.split("train")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(fraction * len(x))))
+    splits = dict(task.splits)
+    splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
+    splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
+    return TaskData(task.name, task.class_names, task.templates, splits)

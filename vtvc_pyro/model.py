@@ -1,0 +1,73 @@
+"""The VTVC generative model: per-sample coefficients, composed CLIP image tower, categorical likelihood.
+
+    λ_i ~ prior                         (sites from the prior: ``gate``, ``slab``; ``lam`` deterministic)
+    θ_i = θ0 + Σ_t λ_{i,t,g(b)} τ_{t,b}
+    y_i ~ Categorical(logits = normalize(f(x_i; θ_i)) @ Hᵀ)     (H: frozen zero-shot head incl. logit scale)
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.nn import PyroModule
+
+from .composition import Composer
+from .priors import Prior
+
+
+class VTVCModel(PyroModule):
+    """Pyro model over a :class:`Composer` and a frozen head.
+
+    Args:
+        composer: the composition engine (frozen base tower and task vectors).
+        head: ``[C, D]`` zero-shot head including ``logit_scale.exp()``.
+        prior: a :class:`~vtvc_pyro.priors.Prior`.
+    """
+
+    def __init__(self, composer: Composer, head: torch.Tensor, prior: Prior):
+        super().__init__()
+        self.composer = composer
+        self.register_buffer("head", head)
+        self.prior = prior
+
+    def logits(self, images: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Class logits with per-sample coefficients.
+
+        Args:
+            images: ``[N, 3, H, W]``.
+            lam: ``[*P, N, T, G]`` (``P``: optional particle dims, broadcast over the images).
+
+        Returns:
+            ``[*P, N, C]``.
+        """
+        lead = lam.shape[:-3]
+        n = images.shape[0]
+        flat = lam.reshape(-1, *lam.shape[-2:])  # [P*N, T, G], particle-major
+        reps = flat.shape[0] // n
+        x = images.unsqueeze(0).expand(reps, *images.shape).reshape(-1, *images.shape[1:])
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
+            feats = self.composer.per_sample(x, flat)
+        logits = F.normalize(feats.float(), dim=-1) @ self.head.T
+        return logits.reshape(*lead, n, -1)
+
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
+        """Pyro model.
+
+        Args:
+            images: ``[N, 3, H, W]`` a mini-batch; features: ``[N, D]`` its base features (unused
+                here, kept so model and guide share a signature).
+            labels: ``[N]`` or ``None`` (prediction).
+            num_data: size of the full data set (the likelihood and local KL are scaled by
+                ``num_data / N``).
+            kl_weight: multiplies the latent sites' log densities (the KL weight / annealing).
+            temperature: relaxed-Bernoulli temperature of the gate density.
+        """
+        n = images.shape[0]
+        num_data = num_data or n
+        with pyro.plate("data", num_data, subsample=torch.arange(n, device=images.device), dim=-1):
+            with pyro.poutine.scale(scale=kl_weight):
+                lam = self.prior.sample(self.composer.num_tasks, self.composer.num_groups, images, temperature)
+            pyro.sample("obs", dist.Categorical(logits=self.logits(images, lam)), obs=labels)
+        return lam

@@ -1,0 +1,198 @@
+"""One fit, end to end: bank -> target data -> baselines -> VTVC by SVI -> metrics, posterior, files.
+
+Protocol: for a target, the bank's other tasks are composed, never the target's own vector.
+Learned methods train on the target's train split, pick their checkpoint on val and report test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import baselines
+from .bank import DEFAULT_BANK, LoadedBank, build_embedded_bank, load_bank, write_json
+from .composition import GRANULARITIES, Composer
+from .data.specs import load_dataset, with_validation
+from .diagnostics import save_inference_data, to_inference_data
+from .errors import ConfigError
+from .evaluate import classification_metrics
+from .guide import make_guide
+from .infer import SVIConfig, fit_svi, mean_probs, resolve_device, sample_probs
+from .model import VTVCModel
+from .priors import make_prior
+from .task_vectors import atomic_save
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "pyro-ppl", "open_clip_torch", "arviz", "xarray", "numpy", "safetensors")
+
+
+@dataclass
+class FitConfig:
+    """Every setting of a run (written to ``config.json``)."""
+
+    target: str = "mixed"
+    bank: str = str(DEFAULT_BANK)
+    prior: str = "spike_slab"
+    prior_args: dict = field(default_factory=dict)
+    guide: str = "amortized_gated"
+    granularity: str = "block"
+    tau0: float = 0.05
+    beta: float = 1.0
+    learn_threshold: bool = True
+    slab_logvar_init: float = -4.0
+    hidden: int | None = None
+    atlas_lr: float = 5e-2
+    eval_samples: int = 20
+    posterior_samples: int = 128
+    device: str = "auto"
+    svi: SVIConfig = field(default_factory=SVIConfig)
+
+    def validate(self) -> None:
+        self.svi.validate()
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}: use one of {GRANULARITIES}")
+        if self.eval_samples <= 0 or self.posterior_samples < 0:
+            raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
+
+
+def environment() -> dict:
+    """Package versions, Python, platform and the git commit (for reproducibility)."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"packages": versions, "python": platform.python_version(), "platform": platform.platform(),
+            "git_commit": commit, "cuda": torch.cuda.is_available()}
+
+
+def prepare_output(out: Path, overwrite: bool = False) -> Path:
+    """Create the run folder; an existing non-empty one is refused unless ``overwrite``."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out} exists and is not empty: pass another --out, or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    return out
+
+
+def default_out(target: str) -> Path:
+    return Path("runs") / f"{target.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Fit VTVC and the baselines on ``cfg.target``; write config, metrics, guide and posterior to ``out``.
+
+    Returns:
+        the metrics dict (also in ``out/metrics.json``).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    prior = make_prior(cfg.prior, **cfg.prior_args)
+    out = prepare_output(Path(out), overwrite)
+    start = time.time()
+
+    if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
+        build_embedded_bank(DEFAULT_BANK, progress=progress)
+    full = load_bank(cfg.bank)
+    data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
+    task = with_validation(load_dataset(cfg.target, data_seed), data_seed)
+    tasks = [t for t in full.vectors.tasks if t != cfg.target]  # never the target's own vector
+    bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
+    head = bank.head_for(task).to(device)
+    if head.shape[0] != len(task.class_names):
+        raise ConfigError(f"head has {head.shape[0]} classes but {cfg.target} has {len(task.class_names)}")
+    data = {}
+    for split in ("train", "val", "test"):
+        x, y = task.split(split)
+        data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
+
+    write_json(out / "config.json", {
+        "fit": {**asdict(cfg), "svi": asdict(cfg.svi)},
+        "prior_settings": prior.settings(),
+        "tasks": tasks,
+        "bank_fingerprint": full.manifest["base_fingerprint"],
+        "data_seed": data_seed,
+        "environment": environment(),
+    })
+
+    visual = bank.model.visual
+    methods, extra = {}, {}
+    test_x, test_f, test_y = data["test"]
+    val_xy = (data["val"][0], data["val"][2])
+
+    per_task = Composer(visual, bank.vectors, "task")
+    methods["zeroshot"] = baselines.predict_shared(per_task, head, test_x, baselines.zero_coefficients(per_task, device))
+    lam_ta, extra["task_arithmetic"] = baselines.task_arithmetic(per_task, head, val_xy)
+    methods["task_arithmetic"] = baselines.predict_shared(per_task, head, test_x, lam_ta)
+
+    per_block = Composer(visual, bank.vectors, "block")
+    lam_atlas, extra["atlas"] = baselines.learn_shared_coefficients(
+        per_block, head, (data["train"][0], data["train"][2]), val_xy, steps=cfg.svi.steps,
+        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.svi.seed,
+        progress=progress,
+    )
+    methods["atlas"] = baselines.predict_shared(per_block, head, test_x, lam_atlas)
+
+    composer = per_block if cfg.granularity == "block" else Composer(visual, bank.vectors, cfg.granularity)
+    model = VTVCModel(composer, head, prior).to(device)
+    guide = make_guide(
+        cfg.guide, feature_dim=test_f.shape[1], num_tasks=composer.num_tasks, num_groups=composer.num_groups,
+        prior=prior, hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta, learn_threshold=cfg.learn_threshold,
+        slab_logvar_init=cfg.slab_logvar_init,
+    ).to(device)
+    fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "guide.safetensors",
+                  progress=progress)
+    atomic_save(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
+    probs_s, lam_s, gate_s = sample_probs(model, guide, test_x, test_f, cfg.eval_samples, cfg.svi.eval_temperature,
+                                          generator_seed=cfg.svi.seed)
+    methods["vtvc"] = probs_s.mean(0)
+    methods["vtvc_mean"] = mean_probs(model, guide, test_x, test_f)
+
+    metrics = {
+        "target": cfg.target,
+        "methods": {name: classification_metrics(p, test_y) for name, p in methods.items()},
+        "num_test": len(test_y),
+        "tasks": tasks,
+        "svi": {"best_step": fit.best_step, "best_val_accuracy": fit.best_val_accuracy,
+                "seconds": round(fit.seconds, 2), "samples_per_second": round(fit.samples_per_second, 1),
+                "final_elbo": fit.elbo_trace[-1], "val_history": fit.val_history},
+        "baselines": extra,
+        "seconds": round(time.time() - start, 2),
+    }
+    write_json(out / "metrics.json", metrics)
+    torch_save_probs = {name: p.float() for name, p in methods.items()}
+    torch_save_probs["labels"] = test_y
+    atomic_save(torch_save_probs, out / "predictions.safetensors")
+
+    keep = min(cfg.posterior_samples, len(test_y))
+    idata = to_inference_data(
+        lam_s[:, :keep], gate_s[:, :keep], probs_s[:, :keep], test_y[:keep], tasks, composer.group_labels,
+        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "prior": cfg.prior, "guide": cfg.guide},
+    )
+    save_inference_data(idata, out / "posterior.nc")
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text results table."""
+    rows = [f"target: {metrics['target']}  ({metrics['num_test']} test images, {len(metrics['tasks'])} task vectors)",
+            f"{'method':18s} {'accuracy':>9s} {'nll':>8s} {'ece':>8s} {'brier':>8s}"]
+    for name, m in metrics["methods"].items():
+        rows.append(f"{name:18s} {m['accuracy']:9.4f} {m['nll']:8.4f} {m['ece']:8.4f} {m['brier']:8.4f}")
+    return "\n".join(rows)
