@@ -34,7 +34,8 @@ def main(args):
     cfg = FitConfig(
         target=args.target, bank=args.bank, prior=args.prior, prior_args=parse_prior_args(args.prior_arg),
         guide=args.guide, granularity=args.granularity, tau0=args.tau0, beta=args.beta,
-        learn_threshold=not args.fixed_threshold, eval_samples=args.eval_samples, device=args.device, svi=svi,
+        learn_threshold=not args.fixed_threshold, slab_mean_init=args.slab_mean_init,
+        gate_logit_init=args.gate_logit_init, eval_samples=args.eval_samples, device=args.device, svi=svi,
     )
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
@@ -66,6 +67,10 @@ if __name__ == "__main__":
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples, help="posterior draws for the predictive")
     parser.add_argument("--tau0", type=float, default=d.tau0, help="gate threshold base")
     parser.add_argument("--beta", type=float, default=d.beta, help="gate threshold uncertainty slope")
+    parser.add_argument("--slab-mean-init", type=float, default=d.slab_mean_init,
+                        help="initial slab mean of every coefficient (0.3: AdaMerging's start)")
+    parser.add_argument("--gate-logit-init", type=float, default=d.gate_logit_init,
+                        help="initial gate logit (2.0: components start mostly kept)")
     parser.add_argument("--fixed-threshold", action="store_true", help="do not learn tau0 and beta")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=s.seed)

@@ -53,6 +53,8 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     weights_file = pretrained is not None and Path(pretrained).suffix in {".safetensors", ".pt", ".bin", ".pth"}
     if weights_file and not Path(pretrained).is_file():
         raise BackboneError(f"weights file {pretrained} does not exist: check the path or rebuild the bank")
+    # open_clip warns on the root logger about random init even when we load the weights ourselves.
+    logging.disable(logging.WARNING)
     try:
         if weights_file and pretrained.endswith(".safetensors"):
             model = open_clip.create_model(name, pretrained=None, device=device)
@@ -73,6 +75,8 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
             + ("the hub is offline (HF_HUB_OFFLINE): " if offline else "")
             + "download the checkpoint elsewhere and pass its local path (or local-dir:FOLDER) instead"
         ) from err
+    finally:
+        logging.disable(logging.NOTSET)
     return model.float().eval()
 
 

@@ -7,8 +7,6 @@ import logging
 import sys
 from typing import Callable
 
-import torch
-
 from .errors import VTVCError
 
 
@@ -16,7 +14,6 @@ def run_main(main: Callable[[argparse.Namespace], object], parser: argparse.Argu
     """Parse arguments and run ``main``; a :class:`VTVCError` becomes one line on stderr, exit status 2."""
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         main(args)
     except VTVCError as err:

@@ -11,13 +11,16 @@ SVI draws are independent samples of the guide, stored as one chain. Groups:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-import arviz as az
-import numpy as np
-import torch
-import xarray as xr
+# arviz 0.23 announces its 1.0 refactor on every import; that one notice is noise for our users.
+warnings.filterwarnings("ignore", message="\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+import arviz as az  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import xarray as xr  # noqa: E402
 
 
 def to_inference_data(

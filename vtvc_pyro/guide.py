@@ -21,7 +21,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.util import clamp_probs
+from torch.distributions.utils import clamp_probs
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -49,7 +49,8 @@ class AmortizedGatedGuide(PyroModule):
         tau0, beta: threshold parameters; ``learn_threshold`` makes them trainable (log-parameterised).
         sharpness: slope of the soft keep rule in training.
         init_std: std of the heads' initial weights and biases.
-        slab_logvar_init: initial bias of the log-variance head's output.
+        slab_mean_init, gate_logit_init, slab_logvar_init: added to the initial output biases of the
+            mean, gate-logit and log-variance heads (the posterior every sample starts from).
         logvar_min, logvar_max: clamp of the slab log-variance.
     """
 
@@ -66,6 +67,8 @@ class AmortizedGatedGuide(PyroModule):
         learn_threshold: bool = True,
         sharpness: float = 20.0,
         init_std: float = 0.01,
+        slab_mean_init: float = 0.0,
+        gate_logit_init: float = 0.0,
         slab_logvar_init: float = -4.0,
         logvar_min: float = -8.0,
         logvar_max: float = 2.0,
@@ -74,15 +77,19 @@ class AmortizedGatedGuide(PyroModule):
         if tau0 <= 0 or beta < 0:
             raise ConfigError(f"gate threshold needs tau0 > 0 and beta >= 0, got tau0={tau0}, beta={beta}")
         self.num_tasks, self.num_groups = num_tasks, num_groups
+        self.prior = prior
         self.has_gate = prior.has_gate
         self.gate_rule = gate_rule and prior.has_gate
         out = num_tasks * num_groups
         hidden = hidden or max(feature_dim // 4, out)
         self.mean_net = _mlp(feature_dim, hidden, out, init_std)
         self.logvar_net = _mlp(feature_dim, hidden, out, init_std)
-        with torch.no_grad():
-            self.logvar_net[2].bias.add_(slab_logvar_init)
         self.logit_net = _mlp(feature_dim, hidden, out, init_std) if self.has_gate else None
+        with torch.no_grad():  # initial posterior: the heads' output biases set its centre
+            self.mean_net[2].bias.add_(slab_mean_init)
+            self.logvar_net[2].bias.add_(slab_logvar_init)
+            if self.logit_net is not None:
+                self.logit_net[2].bias.add_(gate_logit_init)
         log_tau0 = torch.tensor(math.log(tau0))
         log_beta = torch.tensor(math.log(max(beta, 1e-8)))
         if learn_threshold:
@@ -131,10 +138,15 @@ class AmortizedGatedGuide(PyroModule):
         with pyro.plate("data", num_data, subsample=torch.arange(features.shape[0], device=features.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
                 if self.has_gate:
-                    pyro.sample(
-                        "gate",
-                        dist.RelaxedBernoulliStraightThrough(features.new_tensor(temperature), probs=p["gate_probs"]).to_event(2),
-                    )
+                    with pyro.poutine.mask(mask=not self.prior.analytic_kl):
+                        pyro.sample(
+                            "gate",
+                            dist.RelaxedBernoulliStraightThrough(features.new_tensor(temperature), probs=p["gate_probs"])
+                            .to_event(2),
+                        )
+                    if self.prior.analytic_kl:
+                        # a guide factor adds to log q, so +KL here subtracts the exact gate KL from the ELBO
+                        pyro.factor("gate_kl", self.prior.gate_kl(p["gate_probs"]), has_rsample=True)
                 pyro.sample("slab", dist.Normal(p["loc"], p["scale"]).to_event(2))
         return p
 

@@ -11,14 +11,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.nn import PyroModule
 
 from .composition import Composer
 from .priors import Prior
 
 
-class VTVCModel(PyroModule):
+class VTVCModel(torch.nn.Module):
     """Pyro model over a :class:`Composer` and a frozen head.
+
+    A plain ``nn.Module`` (not a ``PyroModule``): it has no learnable parameters, and the frozen
+    backbone must not be registered in Pyro's parameter store.
 
     Args:
         composer: the composition engine (frozen base tower and task vectors).

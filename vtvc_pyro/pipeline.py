@@ -49,6 +49,8 @@ class FitConfig:
     tau0: float = 0.05
     beta: float = 1.0
     learn_threshold: bool = True
+    slab_mean_init: float = 0.3
+    gate_logit_init: float = 2.0
     slab_logvar_init: float = -4.0
     hidden: int | None = None
     atlas_lr: float = 5e-2
@@ -154,7 +156,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
     guide = make_guide(
         cfg.guide, feature_dim=test_f.shape[1], num_tasks=composer.num_tasks, num_groups=composer.num_groups,
         prior=prior, hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta, learn_threshold=cfg.learn_threshold,
-        slab_logvar_init=cfg.slab_logvar_init,
+        slab_mean_init=cfg.slab_mean_init, gate_logit_init=cfg.gate_logit_init, slab_logvar_init=cfg.slab_logvar_init,
     ).to(device)
     fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "guide.safetensors",
                   progress=progress)

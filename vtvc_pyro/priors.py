@@ -32,6 +32,7 @@ class Prior:
 
     name = ""
     has_gate = False
+    analytic_kl = False
     formula = ""
 
     def sample(self, num_tasks: int, num_groups: int, like: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -60,22 +61,33 @@ class SpikeAndSlab(Prior):
     has_gate = True
     formula = "p(λ) = (1−π) δ0 + π N(0, σ0²);  λ = gate · slab"
 
-    def __init__(self, pi: float = 0.5, slab_scale: float = 1.0):
+    def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, analytic_kl: float = 1.0):
         pi = float(pi)
         if not 0 < pi < 1:
             raise ConfigError(f"prior argument pi must lie in (0, 1), got {pi}")
         self.pi = pi
         self.slab_scale = _positive("slab_scale", slab_scale)
+        self.analytic_kl = bool(analytic_kl)
 
     def sample(self, num_tasks, num_groups, like, temperature):
         shape = [num_tasks, num_groups]
-        gate = pyro.sample(
-            "gate",
-            dist.RelaxedBernoulliStraightThrough(like.new_tensor(temperature), probs=like.new_tensor(self.pi))
-            .expand(shape).to_event(2),
-        )
+        # With analytic_kl the gate's relaxed densities are masked out of the ELBO and the guide adds
+        # the exact Bernoulli KL instead (see gate_kl): the Monte Carlo KL of relaxed Bernoullis at a
+        # low temperature is large and noisy enough to drown the likelihood's gradient.
+        with pyro.poutine.mask(mask=not self.analytic_kl):
+            gate = pyro.sample(
+                "gate",
+                dist.RelaxedBernoulliStraightThrough(like.new_tensor(temperature), probs=like.new_tensor(self.pi))
+                .expand(shape).to_event(2),
+            )
         slab = pyro.sample("slab", dist.Normal(like.new_zeros(()), self.slab_scale).expand(shape).to_event(2))
         return pyro.deterministic("lam", gate * slab, event_dim=2)
+
+    def gate_kl(self, probs: torch.Tensor) -> torch.Tensor:
+        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over (task, group): ``probs [N, T, G]`` -> ``[N]``."""
+        pi = probs.new_tensor(self.pi)
+        kl = probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
+        return kl.sum((-2, -1))
 
 
 @register

@@ -1,0 +1,41 @@
+"""Shared fixtures. The embedded bank is built once per session (about 3 minutes) or reused."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vtvc_pyro import backbone  # noqa: E402
+from vtvc_pyro.bank import build_embedded_bank, load_bank  # noqa: E402
+from vtvc_pyro.task_vectors import TaskVector, TaskVectorBank  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BANK = Path(os.environ.get("VTVC_BANK", ROOT / "banks" / "embedded"))
+
+
+@pytest.fixture(scope="session")
+def bank_path() -> Path:
+    """The real embedded bank (pretrained tiny CLIP + fine-tuned source tasks)."""
+    return build_embedded_bank(BANK, progress=False)
+
+
+@pytest.fixture(scope="session")
+def loaded_bank(bank_path):
+    return load_bank(bank_path)
+
+
+def random_bank(num_tasks: int = 3, scale: float = 0.05, seed: int = 0, arch: str = backbone.TINY_MODEL):
+    """A random-init open_clip model and ``num_tasks`` random task vectors of it."""
+    torch.manual_seed(seed)
+    model = backbone.create_clip(arch)
+    base = backbone.image_tower_params(model)
+    vectors = [
+        TaskVector.from_state_dicts({k: v + scale * torch.randn_like(v) for k, v in base.items()}, base, arch, f"t{t}")
+        for t in range(num_tasks)
+    ]
+    return model, base, vectors, TaskVectorBank.stack(vectors, base)

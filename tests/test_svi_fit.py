@@ -1,0 +1,88 @@
+"""End to end: ``scripts/svi_fit.py`` on the real embedded bank, and its command-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import arviz as az
+import pytest
+
+from .conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "svi_fit.py"
+
+
+def run_script(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def short_run(bank_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "mixed"
+    proc = run_script("--bank", str(bank_path), "--steps", "30", "--eval-every", "15", "--eval-samples", "4",
+                      "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_fit_writes_every_output(short_run):
+    out, stdout = short_run
+    for name in ("config.json", "metrics.json", "guide.safetensors", "posterior.nc", "predictions.safetensors"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target"] == "mixed"
+    assert {"vtvc", "zeroshot", "task_arithmetic", "atlas"} <= set(metrics["methods"])
+    for values in metrics["methods"].values():
+        assert set(values) == {"accuracy", "nll", "ece", "brier"}
+        assert 0 <= values["accuracy"] <= 1 and values["nll"] > 0
+    assert "mixed" not in metrics["tasks"] and len(metrics["tasks"]) == 11
+    config = json.loads((out / "config.json").read_text())
+    assert config["fit"]["svi"]["steps"] == 30 and config["environment"]["packages"]["pyro-ppl"]
+    assert "vtvc" in stdout and "task_arithmetic" in stdout
+
+
+def test_posterior_opens_in_arviz(short_run):
+    out, _ = short_run
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert {"posterior", "posterior_predictive", "observed_data", "sample_stats", "constant_data"} <= set(idata.groups())
+    lam = idata.posterior["lam"]
+    assert lam.dims == ("chain", "draw", "sample", "task", "block")
+    assert lam.sizes["draw"] == 4 and lam.sizes["task"] == 11 and lam.sizes["block"] == 32
+    assert "transformer.resblocks.0.mlp.c_fc.weight" in list(idata.posterior["block"].values)
+    summary = az.summary(idata, var_names=["lam"], coords={"sample": [0], "block": ["proj"]}, kind="stats")
+    assert len(summary) == 11
+    assert idata.sample_stats["elbo"].sizes["step"] == 30
+
+
+def test_existing_out_is_refused_and_kept(short_run):
+    out, _ = short_run
+    before = (out / "metrics.json").read_bytes()
+    proc = run_script("--out", str(out), "--steps", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "--overwrite" in proc.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--prior", "nope"], "unknown prior"),
+        (["--prior-arg", "pi=2"], "pi must lie in (0, 1)"),
+        (["--steps", "0"], "steps must be > 0"),
+        (["--target", "imagenet"], "unknown data set spec"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, tmp_path, bank_path):
+    proc = run_script("--bank", str(bank_path), "--out", str(tmp_path / "x"), *args,
+                      env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_list_priors():
+    proc = run_script("--list-priors")
+    assert proc.returncode == 0 and "spike_slab" in proc.stdout and "gaussian" in proc.stdout

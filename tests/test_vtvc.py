@@ -1,0 +1,135 @@
+"""The Pyro model, priors, guide and SVI on tiny real models."""
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from vtvc_pyro import backbone
+from vtvc_pyro.composition import Composer
+from vtvc_pyro.data import specs
+from vtvc_pyro.errors import ConfigError
+from vtvc_pyro.guide import make_guide
+from vtvc_pyro.infer import SVIConfig, fit_svi, sample_probs
+from vtvc_pyro.model import VTVCModel
+from vtvc_pyro.priors import PRIORS, make_prior, parse_prior_args
+
+from .conftest import random_bank
+
+
+def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3):
+    model, _, _, bank = random_bank(num_tasks=num_tasks)
+    composer = Composer(model.visual, bank, granularity)
+    head = F.normalize(torch.randn(4, 64), dim=-1) * 10
+    prior = make_prior(prior_name)
+    vtvc = VTVCModel(composer, head, prior)
+    guide = make_guide("amortized_gated", feature_dim=64, num_tasks=num_tasks, num_groups=composer.num_groups, prior=prior)
+    images = torch.randn(5, 3, 16, 16)
+    return vtvc, guide, images, backbone.image_features(model, images), torch.randint(0, 4, (5,))
+
+
+@pytest.mark.parametrize("prior_name", list(PRIORS))
+def test_model_and_guide_sites_mirror_each_other(prior_name):
+    model, guide, x, f, y = tiny_problem(prior_name)
+    g = poutine.trace(guide).get_trace(x, f, y, num_data=50)
+    m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y, num_data=50)
+    latent = {n for n, s in g.nodes.items() if s["type"] == "sample" and not s["is_observed"] and n != "data"}
+    assert latent == ({"gate", "slab"} if PRIORS[prior_name].has_gate else {"slab"})
+    t, b = 3, len(model.composer.bank.blocks)
+    for name in latent:
+        assert g.nodes[name]["value"].shape == m.nodes[name]["value"].shape == (5, t, b)
+    assert m.nodes["lam"]["value"].shape == (5, t, b)
+    assert m.nodes["obs"]["value"].shape == (5,)
+    assert m.nodes["obs"]["scale"] == pytest.approx(10.0)  # subsampled plate: num_data / batch
+
+
+def test_vectorized_particles_broadcast():
+    model, guide, x, f, y = tiny_problem()
+    with pyro.plate("particles", 4, dim=-2):
+        g = poutine.trace(guide).get_trace(x, f, y)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y)
+    assert m.nodes["lam"]["value"].shape[:2] == (4, 5)
+    assert m.nodes["obs"]["fn"].batch_shape == (4, 5)
+    loss = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, x, f, y)
+    assert torch.isfinite(torch.tensor(loss))
+
+
+def test_gate_rule_is_hard_in_eval_and_soft_in_training():
+    _, guide, _, f, _ = tiny_problem()
+    loc = torch.tensor([0.0, 0.04, 0.2, -0.5])
+    scale = torch.tensor([0.1, 0.001, 0.5, 0.01])
+    guide.eval()
+    hard = guide.keep(loc, scale)
+    threshold = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-8)))
+    assert torch.equal(hard, (loc.abs() >= threshold).float())
+    assert hard.tolist() == [0.0, 0.0, 1.0, 1.0]
+    guide.train()
+    soft = guide.keep(loc, scale)
+    assert ((soft > 0) & (soft < 1)).all() and torch.equal(soft > 0.5, hard.bool())
+    guide.eval()
+    params = guide.posterior_params(f)
+    dropped = params["keep"] == 0
+    lam, gate = guide.sample_coefficients(f, 8)
+    assert set(gate.unique().tolist()) <= {0.0, 1.0}
+    assert (lam[:, dropped] == 0).all()  # a dropped component is deterministically zero
+
+
+def test_analytic_gate_kl_matches_torch():
+    prior = make_prior("spike_slab", pi=0.3)
+    q = torch.tensor([[[0.1, 0.9], [0.5, 0.3]]])
+    expected = torch.distributions.kl_divergence(torch.distributions.Bernoulli(q), torch.distributions.Bernoulli(0.3))
+    assert torch.allclose(prior.gate_kl(q), expected.sum((-2, -1)))
+
+
+def test_prior_registry_errors():
+    with pytest.raises(ConfigError, match="unknown prior 'horse'"):
+        make_prior("horse")
+    with pytest.raises(ConfigError, match=r"pi must lie in \(0, 1\)"):
+        make_prior("spike_slab", pi=1.5)
+    with pytest.raises(ConfigError, match="slab_scale must be > 0"):
+        make_prior("gaussian", slab_scale=-1)
+    with pytest.raises(ConfigError, match="KEY=NUMBER"):
+        parse_prior_args(["pi"])
+    assert parse_prior_args(["pi=0.25"]) == {"pi": 0.25}
+
+
+def test_planted_sparse_structure_is_found():
+    """Labels come from θ0 + τ0 + τ1; τ2 and τ3 only hurt. The posterior must include 0, 1 and drop 2, 3."""
+    model, _, _, bank = random_bank(num_tasks=4, scale=0.1, seed=0)
+    composer = Composer(model.visual, bank, "task")
+    torch.manual_seed(0)
+    x = torch.randn(600, 3, 16, 16)
+    planted = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    with torch.no_grad():
+        teacher = F.normalize(composer.shared(x, planted), dim=-1)
+        head = F.normalize(teacher[:5] - teacher.mean(0), dim=-1) * 50  # five balanced-ish classes
+        y = (teacher @ head.T).argmax(-1)
+    feats = backbone.image_features(model, x)
+    prior = make_prior("spike_slab")
+    vtvc = VTVCModel(composer, head, prior)
+    guide = make_guide("amortized_gated", feature_dim=64, num_tasks=4, num_groups=1, prior=prior,
+                       slab_mean_init=0.3, gate_logit_init=2.0)
+    fit = fit_svi(vtvc, guide, (x[:400], feats[:400], y[:400]), (x[400:500], feats[400:500], y[400:500]),
+                  SVIConfig(steps=300, batch_size=64, eval_every=100), progress=False)
+    _, lam, gate = sample_probs(vtvc, guide, x[500:], feats[500:], num_samples=10)
+    inclusion, mean = gate.mean((0, 1))[:, 0], lam.mean((0, 1))[:, 0]
+    assert inclusion[:2].min() > 0.8 and inclusion[2:].max() < 0.2, inclusion
+    assert (mean[:2] - 1).abs().max() < 0.2 and mean[2:].abs().max() < 0.05, mean
+    assert fit.best_val_accuracy > 0.9
+
+
+def test_elbo_rises_on_the_real_bank(loaded_bank):
+    task = specs.with_validation(specs.load_dataset("mixed", 0))
+    bank = loaded_bank.vectors
+    composer = Composer(loaded_bank.model.visual, bank, "block")
+    head = loaded_bank.head_for(task)
+    prior = make_prior("spike_slab")
+    model = VTVCModel(composer, head, prior)
+    guide = make_guide("amortized_gated", feature_dim=64, num_tasks=bank.num_tasks, num_groups=composer.num_groups,
+                       prior=prior, slab_mean_init=0.3, gate_logit_init=2.0)
+    data = {s: (task.split(s)[0], loaded_bank.features(task, s), task.split(s)[1]) for s in ("train", "val")}
+    fit = fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=80, eval_every=40), progress=False)
+    first, last = sum(fit.elbo_trace[:15]) / 15, sum(fit.elbo_trace[-15:]) / 15
+    assert last > first + 50, (first, last)
