@@ -2,8 +2,8 @@
 
 Runs the embedded offline default with no arguments: the tiny open_clip CLIP bank (built on first
 use), held-out target ``mixed``, spike-and-slab prior, amortized gated guide. Writes config.json,
-metrics.json, guide.safetensors, predictions.safetensors and posterior.nc to ``--out``, then
-prints a results table.
+metrics.json, guide.safetensors, predictions.safetensors, posterior.nc, summary.json and figures/
+to ``--out``, then prints a results table.
 
 Usage::
 
@@ -19,6 +19,7 @@ from vtvc_pyro.guide import GUIDES
 from vtvc_pyro.infer import ELBOS, SVIConfig
 from vtvc_pyro.pipeline import FitConfig, default_out, format_table, run_fit
 from vtvc_pyro.priors import PRIORS, parse_prior_args
+from vtvc_pyro.report import build_report
 
 
 def main(args):
@@ -42,7 +43,8 @@ def main(args):
     print(format_table(metrics))
     print(f"SVI: {metrics['svi']['samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
           f"total {metrics['seconds']} s")
-    print(f"wrote {out}")
+    summary = build_report(out)
+    print(f"wrote {out} (and {len(summary['figures'])} figures; rebuild them with scripts/report.py {out})")
 
 
 if __name__ == "__main__":

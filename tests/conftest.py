@@ -1,6 +1,8 @@
 """Shared fixtures. The embedded bank is built once per session (about 3 minutes) or reused."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -39,3 +41,20 @@ def random_bank(num_tasks: int = 3, scale: float = 0.05, seed: int = 0, arch: st
         for t in range(num_tasks)
     ]
     return model, base, vectors, TaskVectorBank.stack(vectors, base)
+
+
+def run_script(*args, script="svi_fit.py", env_extra=None):
+    """Run ``scripts/<script>`` in a fresh interpreter, offline; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def short_run(bank_path, tmp_path_factory):
+    """A 30-step ``svi_fit.py`` run on the real bank (target mixed): ``(run folder, stdout)``."""
+    out = tmp_path_factory.mktemp("run") / "mixed"
+    proc = run_script("--bank", str(bank_path), "--steps", "30", "--eval-every", "15", "--eval-samples", "4",
+                      "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout

@@ -1,31 +1,10 @@
 """End to end: ``scripts/svi_fit.py`` on the real embedded bank, and its command-line errors."""
 
 import json
-import os
-import subprocess
-import sys
-
 import arviz as az
 import pytest
 
-from .conftest import ROOT
-
-SCRIPT = ROOT / "scripts" / "svi_fit.py"
-
-
-def run_script(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)
-
-
-@pytest.fixture(scope="module")
-def short_run(bank_path, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "mixed"
-    proc = run_script("--bank", str(bank_path), "--steps", "30", "--eval-every", "15", "--eval-samples", "4",
-                      "--out", str(out), "--quiet")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out, proc.stdout
+from .conftest import run_script
 
 
 def test_fit_writes_every_output(short_run):

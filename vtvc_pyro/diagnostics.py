@@ -6,7 +6,7 @@ SVI draws are independent samples of the guide, stored as one chain. Groups:
   evaluation samples (``block`` holds the coefficient groups: blocks, layers or ``all``);
 * ``posterior_predictive``: class probabilities per draw (chain, draw, sample, class);
 * ``observed_data``: labels; ``sample_stats``: the ELBO trace (dim ``step``);
-* ``constant_data``: base features are not stored; the task, block and class names are coords.
+* ``constant_data``: the task, block and class names (also the coords).
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def to_inference_data(
     observed = xr.Dataset({"obs": (("sample",), labels.cpu().numpy())}, coords={"sample": coords["sample"]})
     stats = xr.Dataset({"elbo": (("step",), np.asarray(elbo_trace, dtype=np.float64))},
                        coords={"step": np.arange(1, len(elbo_trace) + 1)})
-    constant = xr.Dataset(coords={"task": coords["task"], "block": coords["block"], "class": coords["class"]})
+    constant = xr.Dataset(
+        {"task_name": (("task",), np.array(tasks, dtype=str)), "block_name": (("block",), np.array(groups, dtype=str)),
+         "class_name": (("class",), np.array(class_names, dtype=str))},
+        coords={"task": coords["task"], "block": coords["block"], "class": coords["class"]},
+    )
     return az.InferenceData(posterior=posterior, posterior_predictive=predictive, observed_data=observed,
                             sample_stats=stats, constant_data=constant)
 

@@ -1,0 +1,68 @@
+"""Diagnostics: InferenceData, ArviZ on it, report.py and the notebook."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from vtvc_pyro.diagnostics import az  # noqa: E402
+from vtvc_pyro.report import build_report, layer_inclusion, summarize  # noqa: E402
+
+from .conftest import ROOT, run_script  # noqa: E402
+
+FIGURES = ("elbo", "inclusion_heatmap", "lambda_forest", "sample_profiles", "reliability", "accuracy_coverage",
+           "uncertainty_vs_error")
+
+
+def test_netcdf_round_trip_and_arviz_tools(short_run, tmp_path):
+    out, _ = short_run
+    idata = az.from_netcdf(out / "posterior.nc")
+    idata.to_netcdf(str(tmp_path / "copy.nc"))
+    back = az.from_netcdf(tmp_path / "copy.nc")
+    assert back.posterior["lam"].equals(idata.posterior["lam"])
+    assert list(back.constant_data["task_name"].values) == list(idata.posterior["task"].values)
+    axes = az.plot_forest(idata, var_names=["lam"], coords={"sample": [0], "block": ["proj"]}, combined=True)
+    assert len(axes) == 1
+    table, tasks, layers = layer_inclusion(idata)
+    assert table.shape == (11, 4) and layers == ["embed", "layer0", "layer1", "head"]
+    assert ((table >= 0) & (table <= 1)).all()
+
+
+def test_summaries_are_consistent(short_run):
+    out, _ = short_run
+    idata = az.from_netcdf(out / "posterior.nc")
+    summary = summarize(idata, {})
+    assert len(summary["per_block"]) == 11 * 32 and len(summary["per_task"]) == 11
+    row = summary["per_block"][0]
+    assert row["lam_hdi"][0] <= row["lam_mean"] <= row["lam_hdi"][1] or row["inclusion"] < 1
+    assert all(x >= -1e-9 for x in summary["per_sample"]["mutual_information"])
+    assert 0 <= summary["kept_fraction"] <= 1
+
+
+def test_report_script_rebuilds_figures(short_run):
+    out, _ = short_run
+    for png in (out / "figures").glob("*.png"):
+        png.unlink()
+    proc = run_script(str(out), script="report.py")
+    assert proc.returncode == 0, proc.stderr
+    for name in FIGURES:
+        assert (out / "figures" / f"{name}.png").stat().st_size > 5000, name
+    assert json.loads((out / "summary.json").read_text())["target"] == "mixed"
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    proc = run_script(str(tmp_path), script="report.py")
+    assert proc.returncode == 2 and "posterior.nc" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_notebook_executes_top_to_bottom(bank_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "notebooks" / "posterior_analysis.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook stripped"
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("target: mixed" in o.get("text", "") for o in outputs)

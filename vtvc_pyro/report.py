@@ -1,0 +1,246 @@
+"""Summaries and figures of a saved run, rebuilt from its files alone (no refit).
+
+Reads ``posterior.nc``, ``predictions.safetensors`` and ``metrics.json`` of a run folder and
+writes ``summary.json`` plus PNG figures under ``figures/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from .bank import write_json  # noqa: E402
+from .composition import block_groups  # noqa: E402
+from .diagnostics import az, inclusion_summary  # noqa: E402
+from .errors import ConfigError  # noqa: E402
+from .evaluate import accuracy_coverage, mutual_information, predictive_entropy  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+BASELINE_ORDER = ("zeroshot", "task_arithmetic", "atlas", "vtvc_mean", "vtvc")
+
+
+def load_run(run_dir: str | Path):
+    """``(idata, predictions, metrics)`` of a run folder; a clear error when a file is missing."""
+    run_dir = Path(run_dir)
+    for name in ("posterior.nc", "predictions.safetensors", "metrics.json"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} has no {name}: pass the folder written by scripts/svi_fit.py")
+    idata = az.from_netcdf(run_dir / "posterior.nc")
+    predictions = load_file(str(run_dir / "predictions.safetensors"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return idata, predictions, metrics
+
+
+def layer_inclusion(idata) -> tuple[np.ndarray, list[str], list[str]]:
+    """Posterior inclusion probability averaged into (task, layer): ``[T, L]``, task and layer labels."""
+    gate = idata.posterior["gate"].mean(("chain", "draw", "sample"))  # (task, block)
+    blocks = [str(b) for b in gate["block"].values]
+    groups, labels = block_groups(blocks, "layer")
+    values = gate.values
+    table = np.stack([values[:, [i for i, g in enumerate(groups) if g == k]].mean(1) for k in range(len(labels))], 1)
+    return table, [str(t) for t in gate["task"].values], labels
+
+
+def summarize(idata, predictions: dict, hdi_prob: float = 0.9) -> dict:
+    """Per task, per (task, block) and per sample summaries (JSON-ready).
+
+    SVI draws are independent, so Monte Carlo standard errors are sd / sqrt(draws); r_hat and ESS
+    would be trivially ~1 and are not reported.
+    """
+    post = idata.posterior
+    draws = post.sizes["draw"] * post.sizes["chain"]
+    inc = inclusion_summary(idata)
+    hdi = az.hdi(post["lam"].mean("sample"), hdi_prob=hdi_prob)["lam"]  # (task, block, hdi)
+    per_block = []
+    for t in inc["task"].values:
+        for b in inc["block"].values:
+            per_block.append({
+                "task": str(t), "block": str(b),
+                "inclusion": float(inc["inclusion"].sel(task=t, block=b)),
+                "lam_mean": float(inc["lam_mean"].sel(task=t, block=b)),
+                "lam_hdi": [float(x) for x in hdi.sel(task=t, block=b).values],
+                "mcse": float(inc["lam_sd"].sel(task=t, block=b)) / np.sqrt(draws),
+            })
+    per_task = {
+        str(t): {
+            "inclusion": float(inc["inclusion"].sel(task=t).mean()),
+            "lam_mean": float(inc["lam_mean"].sel(task=t).mean()),
+            "kept_fraction": float((post["gate"].sel(task=t) > 0).mean()),
+        }
+        for t in inc["task"].values
+    }
+    sample_probs = torch.tensor(idata.posterior_predictive["probs"].values[0])  # [S, N, C]
+    probs = sample_probs.mean(0)
+    labels = torch.tensor(idata.observed_data["obs"].values)
+    per_sample = {
+        "entropy": predictive_entropy(probs).tolist(),
+        "mutual_information": mutual_information(sample_probs).tolist(),
+        "correct": (probs.argmax(-1) == labels).tolist(),
+    }
+    return {"draws": draws, "hdi_prob": hdi_prob, "per_task": per_task, "per_block": per_block,
+            "per_sample": per_sample, "kept_fraction": float((post["gate"] > 0).mean())}
+
+
+# ---------------------------------------------------------------- figures
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_elbo(idata, path: Path) -> Path:
+    elbo = idata.sample_stats["elbo"].values
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(np.arange(1, len(elbo) + 1), elbo, lw=0.6, alpha=0.4, label="per step")
+    window = max(1, len(elbo) // 30)
+    if len(elbo) >= window:
+        smooth = np.convolve(elbo, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(window, len(elbo) + 1), smooth, lw=1.8, label=f"moving mean ({window} steps)")
+    ax.set(xlabel="SVI step", ylabel="ELBO estimate (mini-batch, scaled to the data set)", title="ELBO trace")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_inclusion_heatmap(idata, path: Path) -> Path:
+    table, tasks, layers = layer_inclusion(idata)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(layers), 0.9 + 0.35 * len(tasks)))
+    im = ax.imshow(table, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(layers)), layers)
+    ax.set_yticks(range(len(tasks)), tasks)
+    for i in range(len(tasks)):
+        for j in range(len(layers)):
+            ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if table[i, j] < 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="P(gate = 1), mean over samples and blocks")
+    ax.set_title("Posterior inclusion probability: task × layer")
+    return _save(fig, path)
+
+
+def plot_lambda_forest(idata, path: Path) -> Path:
+    """Per task, λ averaged over blocks; every (draw, sample) is one value (spread = across samples)."""
+    lam = idata.posterior["lam"].mean("block")  # (chain, draw, sample, task)
+    values = lam.stack(point=("chain", "draw", "sample")).transpose("task", "point").values
+    tasks = [str(t) for t in lam["task"].values]
+    fig, ax = plt.subplots(figsize=(6, 0.9 + 0.4 * len(tasks)))
+    lo, q25, med, q75, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=1)
+    y = np.arange(len(tasks))[::-1]
+    ax.hlines(y, lo, hi, lw=1.2, color="C0", label="5–95 %")
+    ax.hlines(y, q25, q75, lw=4, color="C0", label="25–75 %")
+    ax.plot(med, y, "o", color="white", mec="C0", label="median")
+    ax.axvline(0, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(y, tasks)
+    ax.set(xlabel="λ (mean over blocks) across test samples and posterior draws", title="Coefficients per task vector")
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
+    """Posterior mean λ per task (mean over blocks) for a few test samples of different classes."""
+    labels = idata.observed_data["obs"].values
+    picks, seen = [], set()
+    for i, y in enumerate(labels):
+        if y not in seen:
+            picks.append(i)
+            seen.add(y)
+        if len(picks) == num:
+            break
+    lam = idata.posterior["lam"].mean(("chain", "draw", "block"))  # (sample, task)
+    incl = idata.posterior["gate"].mean(("chain", "draw", "block"))
+    tasks = [str(t) for t in lam["task"].values]
+    classes = [str(c) for c in idata.constant_data["class_name"].values]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 0.8 + 0.3 * len(tasks)), sharey=True)
+    for ax, i in zip(np.atleast_1d(axes), picks):
+        ax.barh(range(len(tasks)), lam.isel(sample=i).values, color="C1", label="mean λ")
+        ax.plot(incl.isel(sample=i).values, range(len(tasks)), "k.", label="P(gate = 1)")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_title(f"test sample {int(lam['sample'].values[i])} ({classes[labels[i]]})", fontsize=9)
+    np.atleast_1d(axes)[0].set_yticks(range(len(tasks)), tasks)
+    np.atleast_1d(axes)[0].invert_yaxis()
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.suptitle("Per-sample composition (mean over blocks)")
+    return _save(fig, path)
+
+
+def _methods(predictions: dict) -> list[str]:
+    return [m for m in BASELINE_ORDER if m in predictions]
+
+
+def plot_reliability(predictions: dict, path: Path, num_bins: int = 15) -> Path:
+    labels = predictions["labels"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
+    edges = np.linspace(0, 1, num_bins + 1)
+    for name in _methods(predictions):
+        conf, pred = predictions[name].max(-1)
+        correct = (pred == labels).float().numpy()
+        conf = conf.numpy()
+        xs, ys = [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (conf > lo) & (conf <= hi)
+            if sel.sum() >= 5:  # bins with fewer samples are noise
+                xs.append(conf[sel].mean())
+                ys.append(correct[sel].mean())
+        ax.plot(xs, ys, "o-", ms=3, label=name)
+    ax.set(xlabel="confidence (bins with ≥ 5 test samples)", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_accuracy_coverage(predictions: dict, path: Path) -> Path:
+    labels = predictions["labels"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name in _methods(predictions):
+        cov, acc = accuracy_coverage(predictions[name], labels)
+        ax.plot(cov.numpy(), acc.numpy(), label=name)
+    ax.set(xlabel="coverage (fraction kept, lowest predictive entropy first)", ylabel="accuracy on kept samples",
+           title="Selective prediction", xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_uncertainty_vs_error(summary: dict, path: Path) -> Path:
+    ps = summary["per_sample"]
+    correct = np.array(ps["correct"], dtype=bool)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((axes[0], "entropy", "predictive entropy (total)"),
+                           (axes[1], "mutual_information", "mutual information (epistemic)")):
+        values = np.array(ps[key])
+        bins = np.linspace(0, max(values.max(), 1e-6), 25)
+        ax.hist(values[correct], bins=bins, alpha=0.6, density=True, label=f"correct ({correct.sum()})")
+        ax.hist(values[~correct], bins=bins, alpha=0.6, density=True, label=f"wrong ({(~correct).sum()})")
+        ax.set(xlabel=f"{title}, nats", ylabel="density")
+        ax.legend(fontsize=8)
+    fig.suptitle("VTVC uncertainty of correct vs wrong predictions (saved test samples)")
+    return _save(fig, path)
+
+
+def build_report(run_dir: str | Path) -> dict:
+    """Rebuild ``summary.json`` and every figure of a run; returns the summary."""
+    run_dir = Path(run_dir)
+    idata, predictions, metrics = load_run(run_dir)
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    summary = summarize(idata, predictions)
+    summary["target"] = metrics["target"]
+    summary["figures"] = [str(p.relative_to(run_dir)) for p in (
+        plot_elbo(idata, figures / "elbo.png"),
+        plot_inclusion_heatmap(idata, figures / "inclusion_heatmap.png"),
+        plot_lambda_forest(idata, figures / "lambda_forest.png"),
+        plot_sample_profiles(idata, figures / "sample_profiles.png"),
+        plot_reliability(predictions, figures / "reliability.png"),
+        plot_accuracy_coverage(predictions, figures / "accuracy_coverage.png"),
+        plot_uncertainty_vs_error(summary, figures / "uncertainty_vs_error.png"),
+    )]
+    write_json(run_dir / "summary.json", summary)
+    return summary
