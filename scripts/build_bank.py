@@ -11,7 +11,6 @@ Usage::
 
 import argparse
 import json
-import sys
 
 from vtvc_pyro.bank import DEFAULT_BANK, BuildConfig, build_embedded_bank
 from vtvc_pyro.cli import run_main

@@ -29,7 +29,8 @@ def main(args):
         return
     svi = SVIConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
-        kl_anneal_steps=args.kl_anneal_steps, num_particles=args.num_particles, elbo=args.elbo,
+        kl_reduction=args.kl_reduction, kl_anneal_steps=args.kl_anneal_steps, num_particles=args.num_particles,
+        elbo=args.elbo,
         eval_every=args.eval_every, seed=args.seed,
     )
     cfg = FitConfig(
@@ -63,6 +64,8 @@ if __name__ == "__main__":
     parser.add_argument("--num-particles", type=int, default=s.num_particles)
     parser.add_argument("--lr", type=float, default=s.lr)
     parser.add_argument("--kl-weight", type=float, default=s.kl_weight)
+    parser.add_argument("--kl-reduction", default=s.kl_reduction, choices=["mean", "sum"],
+                        help="mean: KL averaged over the T·G coefficients (authors' code); sum: the plain ELBO")
     parser.add_argument("--kl-anneal-steps", type=int, default=s.kl_anneal_steps)
     parser.add_argument("--elbo", default=s.elbo, choices=list(ELBOS))
     parser.add_argument("--eval-every", type=int, default=s.eval_every)

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 from vtvc_pyro.diagnostics import az  # noqa: E402
-from vtvc_pyro.report import build_report, layer_inclusion, summarize  # noqa: E402
+from vtvc_pyro.report import layer_inclusion, summarize  # noqa: E402
 
 from .conftest import ROOT, run_script  # noqa: E402
 

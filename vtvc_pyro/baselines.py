@@ -7,7 +7,6 @@ learned on the target's train split, selected on val, reported on test.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -97,7 +96,3 @@ def zero_coefficients(composer: Composer, device) -> torch.Tensor:
     """Zero-shot is the base model: all coefficients zero."""
     return torch.zeros(composer.num_tasks, composer.num_groups, device=device)
 
-
-def copy_state(module: torch.nn.Module) -> dict:
-    """A detached copy of a module's trainable state (for best-on-val selection)."""
-    return copy.deepcopy({k: v.detach() for k, v in module.state_dict().items()})

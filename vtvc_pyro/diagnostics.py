@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 # arviz 0.23 announces its 1.0 refactor on every import; that one notice is noise for our users.
-warnings.filterwarnings("ignore", message="\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
 import arviz as az  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
@@ -61,7 +60,8 @@ class SVIConfig:
     batch_size: int = 64
     lr: float = 5e-3
     weight_decay: float = 0.01
-    kl_weight: float = 0.01
+    kl_weight: float = 0.1
+    kl_reduction: str = "mean"
     kl_anneal_steps: int = 0
     num_particles: int = 1
     elbo: str = "trace"
@@ -81,6 +81,8 @@ class SVIConfig:
         for name in ("lr", "train_temperature", "eval_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kl_reduction not in ("mean", "sum"):
+            raise ConfigError(f"kl_reduction must be 'mean' or 'sum', got {self.kl_reduction!r}")
         if self.kl_weight < 0:
             raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
@@ -95,11 +97,17 @@ class FitResult:
     samples_per_second: float = 0.0
 
 
-def kl_weight_at(step: int, cfg: SVIConfig) -> float:
-    """Linear KL annealing from 0 to ``kl_weight`` over ``kl_anneal_steps`` (none when 0)."""
+def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1) -> float:
+    """Scale of the latent sites' log densities at ``step``.
+
+    ``kl_reduction="mean"`` divides ``kl_weight`` by the number of coefficients per sample (T·G),
+    as the authors' development code averages the KL over them; ``"sum"`` is the plain ELBO
+    convention. KL annealing ramps linearly from 0 over ``kl_anneal_steps`` (none when 0).
+    """
+    weight = cfg.kl_weight / (num_coefficients if cfg.kl_reduction == "mean" else 1)
     if cfg.kl_anneal_steps <= 0:
-        return cfg.kl_weight
-    return cfg.kl_weight * min(1.0, step / cfg.kl_anneal_steps)
+        return weight
+    return weight * min(1.0, step / cfg.kl_anneal_steps)
 
 
 @torch.no_grad()
@@ -168,7 +176,8 @@ def fit_svi(
         guide.train()
         idx = idx.to(images.device)
         loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
-                       kl_weight=kl_weight_at(step, cfg), temperature=cfg.train_temperature)
+                       kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                       temperature=cfg.train_temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)

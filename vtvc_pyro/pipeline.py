@@ -6,7 +6,6 @@ Learned methods train on the target's train split, pick their checkpoint on val 
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import subprocess
@@ -106,7 +105,6 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
     cfg.validate()
     device = resolve_device(cfg.device)
     prior = make_prior(cfg.prior, **cfg.prior_args)
-    out = prepare_output(Path(out), overwrite)
     start = time.time()
 
     if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
@@ -124,6 +122,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
         x, y = task.split(split)
         data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
 
+    out = prepare_output(Path(out), overwrite)  # after every input is known to be usable
     write_json(out / "config.json", {
         "fit": {**asdict(cfg), "svi": asdict(cfg.svi)},
         "prior_settings": prior.settings(),
@@ -178,9 +177,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
         "seconds": round(time.time() - start, 2),
     }
     write_json(out / "metrics.json", metrics)
-    torch_save_probs = {name: p.float() for name, p in methods.items()}
-    torch_save_probs["labels"] = test_y
-    atomic_save(torch_save_probs, out / "predictions.safetensors")
+    atomic_save({**{name: p.float() for name, p in methods.items()}, "labels": test_y}, out / "predictions.safetensors")
 
     keep = min(cfg.posterior_samples, len(test_y))
     idata = to_inference_data(
