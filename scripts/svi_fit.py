@@ -31,7 +31,8 @@ def main(args):
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
         kl_reduction=args.kl_reduction, kl_anneal_steps=args.kl_anneal_steps, num_particles=args.num_particles,
         elbo=args.elbo,
-        eval_every=args.eval_every, seed=args.seed,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite,
+        seed=args.seed,
     )
     cfg = FitConfig(
         target=args.target, bank=args.bank, prior=args.prior, prior_args=parse_prior_args(args.prior_arg),
@@ -40,7 +41,7 @@ def main(args):
         gate_logit_init=args.gate_logit_init, eval_samples=args.eval_samples, device=args.device, svi=svi,
     )
     out = Path(args.out) if args.out else default_out(args.target)
-    metrics = run_fit(cfg, out, overwrite=args.overwrite, progress=not args.quiet)
+    metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(format_table(metrics))
     print(f"SVI: {metrics['svi']['samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
           f"total {metrics['seconds']} s")
@@ -81,5 +82,10 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=s.seed)
     parser.add_argument("--out", default=None, help="run folder (default runs/<target>-<timestamp>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--checkpoint-every", type=int, default=s.checkpoint_every,
+                        help="steps between checkpoints (also written on SIGINT/SIGTERM)")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="skip SVI steps whose loss or gradient is NaN/Inf instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     run_main(main, parser)

@@ -76,3 +76,12 @@ def test_layer_groups_and_bad_shapes():
         Composer(model.visual, bank, "neuron")
     with pytest.raises(ConfigError, match=r"\[M, T, G\]"):
         Composer(model.visual, bank).per_sample(torch.randn(2, 3, 16, 16), torch.zeros(3, 3, len(bank.blocks)))
+
+
+def test_layer_groups_follow_the_tower_not_the_parameter_order():
+    """open_clip lists ``proj`` before the blocks; it still belongs to the head group."""
+    model, _, _, bank = random_bank()
+    composer = Composer(model.visual, bank, "layer")
+    assert composer.group_labels == ["embed", "layer0", "layer1", "head"]
+    assert composer.group_labels[composer.group_of_block["proj"]] == "head"
+    assert composer.group_labels[composer.group_of_block["conv1.weight"]] == "embed"

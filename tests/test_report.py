@@ -32,10 +32,10 @@ def test_netcdf_round_trip_and_arviz_tools(short_run, tmp_path):
 def test_summaries_are_consistent(short_run):
     out, _ = short_run
     idata = az.from_netcdf(out / "posterior.nc")
-    summary = summarize(idata, {})
+    summary = summarize(idata)
     assert len(summary["per_block"]) == 11 * 32 and len(summary["per_task"]) == 11
     row = summary["per_block"][0]
-    assert row["lam_hdi"][0] <= row["lam_mean"] <= row["lam_hdi"][1] or row["inclusion"] < 1
+    assert row["sample_mean_lam_hdi"][0] <= row["sample_mean_lam_hdi"][1] and row["lam_mcse"] >= 0
     assert all(x >= -1e-9 for x in summary["per_sample"]["mutual_information"])
     assert 0 <= summary["kept_fraction"] <= 1
 

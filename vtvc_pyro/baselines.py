@@ -73,8 +73,7 @@ def learn_shared_coefficients(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     best = (-1.0, lam.detach().clone(), 0)
     history = []
-    g = torch.Generator().manual_seed(seed)
-    for step, idx in enumerate(tqdm(minibatch_indices(len(train[0]), batch_size, steps, g), total=steps,
+    for step, idx in enumerate(tqdm(minibatch_indices(len(train[0]), batch_size, steps, seed), total=steps,
                                     desc="atlas", disable=not progress, leave=False), 1):
         x, y = train[0][idx].to(device), train[1][idx].to(device)
         logits = F.normalize(composer.shared(x, lam), dim=-1) @ head.T

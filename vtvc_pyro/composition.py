@@ -28,6 +28,14 @@ from .task_vectors import TaskVectorBank
 GRANULARITIES = ("block", "layer", "task")
 
 
+def _layer_of(block: str) -> str:
+    """``layerK`` for transformer block K; ``embed`` before the blocks; ``head`` after (ln_post, proj)."""
+    m = re.search(r"resblocks\.(\d+)\.", block)
+    if m:
+        return f"layer{int(m.group(1))}"
+    return "head" if block.startswith(("ln_post", "proj")) else "embed"
+
+
 def block_groups(blocks: list[str], granularity: str) -> tuple[list[int], list[str]]:
     """Map each block to a coefficient group.
 
@@ -39,16 +47,10 @@ def block_groups(blocks: list[str], granularity: str) -> tuple[list[int], list[s
     if granularity == "task":
         return [0] * len(blocks), ["all"]
     if granularity == "layer":
-        labels: list[str] = []
-        groups = []
-        for name in blocks:
-            m = re.search(r"resblocks\.(\d+)\.", name)
-            before_any_layer = not labels or labels == ["embed"]
-            label = f"layer{int(m.group(1))}" if m else ("embed" if before_any_layer else "head")
-            if label not in labels:
-                labels.append(label)
-            groups.append(labels.index(label))
-        return groups, labels
+        names = [_layer_of(b) for b in blocks]
+        layers = sorted({n for n in names if n.startswith("layer")}, key=lambda n: int(n[5:]))
+        labels = [n for n in ("embed", *layers, "head") if n in names]
+        return [labels.index(n) for n in names], labels
     raise ConfigError(f"unknown granularity {granularity!r}: use one of {GRANULARITIES}")
 
 
@@ -88,6 +90,10 @@ class Composer(torch.nn.Module):
 
     def _check_supported(self) -> None:
         v = self.visual
+        if not hasattr(v, "transformer") or not hasattr(v, "conv1"):
+            raise ConfigError(f"{type(v).__name__} is not an open_clip VisionTransformer; the engine composes ViT towers only")
+        if getattr(v, "pool_type", "tok") not in ("tok", "avg"):
+            raise ConfigError(f"pool_type {v.pool_type!r} is not supported by the per-sample engine; use tok or avg")
         if getattr(v, "attn_pool", None) is not None:
             raise ConfigError("attentional pooling towers are not supported by the per-sample engine; use a plain ViT")
         for blk in v.transformer.resblocks:

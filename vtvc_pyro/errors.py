@@ -19,3 +19,11 @@ class BankError(VTVCError):
 
 class BackboneError(VTVCError):
     """A CLIP backbone cannot be built or its weights cannot be found."""
+
+
+class NumericalError(VTVCError):
+    """The loss or its gradients became NaN or Inf."""
+
+
+class FitInterrupted(VTVCError):
+    """A fit stopped on SIGINT/SIGTERM after writing its checkpoint."""

@@ -8,6 +8,9 @@ mean is scored on val and the best guide state is kept (the same protocol as the
 from __future__ import annotations
 
 import logging
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,27 +21,54 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .checkpoint import load_training_state, save_training_state
+from .errors import ConfigError, FitInterrupted, NumericalError
 from .guide import AmortizedGatedGuide
 from .model import VTVCModel
-from .task_vectors import atomic_save
 
 log = logging.getLogger(__name__)
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 
 
-def minibatch_indices(num_data: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """``steps`` mini-batches of indices, shuffled epoch by epoch (no sample repeats within an epoch)."""
-    if batch_size <= 0 or steps <= 0 or num_data <= 0:
-        raise ConfigError(f"need batch_size > 0, steps > 0 and data; got batch_size={batch_size}, steps={steps}, n={num_data}")
-    batch_size = min(batch_size, num_data)
-    perm, pos = torch.randperm(num_data, generator=generator), 0
+class MinibatchSampler:
+    """Shuffled mini-batches epoch by epoch (no sample repeats within an epoch); its state can be saved.
+
+    Usage::
+
+        sampler = MinibatchSampler(200, 64, seed=0)
+        idx = sampler.next()        # [64] indices
+    """
+
+    def __init__(self, num_data: int, batch_size: int, seed: int):
+        if batch_size <= 0 or num_data <= 0:
+            raise ConfigError(f"need batch_size > 0 and data; got batch_size={batch_size}, n={num_data}")
+        self.num_data, self.batch_size = num_data, min(batch_size, num_data)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(num_data, generator=self.generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.num_data:
+            self.perm, self.pos = torch.randperm(self.num_data, generator=self.generator), 0
+        self.pos += self.batch_size
+        return self.perm[self.pos - self.batch_size : self.pos]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": torch.tensor(self.pos)}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+def minibatch_indices(num_data: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` mini-batches of indices from a :class:`MinibatchSampler`."""
+    if steps <= 0:
+        raise ConfigError(f"steps must be > 0, got {steps}")
+    sampler = MinibatchSampler(num_data, batch_size, seed)
     for _ in range(steps):
-        if pos + batch_size > num_data:
-            perm, pos = torch.randperm(num_data, generator=generator), 0
-        yield perm[pos : pos + batch_size]
-        pos += batch_size
+        yield sampler.next()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,6 +100,7 @@ class SVIConfig:
     eval_temperature: float = 0.01
     eval_every: int = 50
     checkpoint_every: int = 100
+    skip_nonfinite: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -83,8 +114,8 @@ class SVIConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.kl_reduction not in ("mean", "sum"):
             raise ConfigError(f"kl_reduction must be 'mean' or 'sum', got {self.kl_reduction!r}")
-        if self.kl_weight < 0:
-            raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if not self.kl_weight > 0:
+            raise ConfigError(f"kl_weight must be > 0 (Pyro cannot scale a site by 0), got {self.kl_weight}")
 
 
 @dataclass
@@ -123,12 +154,16 @@ def mean_probs(model: VTVCModel, guide: AmortizedGatedGuide, images, features, b
 
 @torch.no_grad()
 def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
-                 batch_size: int = 256, generator_seed: int | None = None):
+                 max_copies: int = 512, generator_seed: int | None = None):
     """Monte Carlo predictive.
+
+    Images are taken in chunks so that at most ``max_copies`` composed towers (draws × images)
+    exist at once.
 
     Returns:
         ``probs [S, N, C]`` per posterior draw, ``lam [S, N, T, G]`` and ``gate [S, N, T, G]``.
     """
+    batch_size = max(1, max_copies // num_samples)
     guide.eval()
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
@@ -141,6 +176,27 @@ def sample_probs(model, guide, images, features, num_samples: int = 20, temperat
     return torch.cat(probs, 1), torch.cat(lams, 1), torch.cat(gates, 1)
 
 
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a step is never cut in half)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def fit_svi(
     model: VTVCModel,
     guide: AmortizedGatedGuide,
@@ -148,13 +204,22 @@ def fit_svi(
     val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: SVIConfig,
     checkpoint_path: Path | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Fit the guide by SVI; on return the guide holds the best-on-val state.
 
     Args:
         train, val: ``(images [N,3,H,W], features [N,D], labels [N])`` on the model's device.
-        checkpoint_path: guide state is written there (safetensors) every ``checkpoint_every`` steps.
+        checkpoint_path: the full training state (guide, optimizer, scheduler, RNG, sampler,
+            history) is written there every ``checkpoint_every`` steps and on SIGINT/SIGTERM.
+        resume: continue from ``checkpoint_path``; with the same seed the result equals an
+            uninterrupted fit's.
+
+    Raises:
+        NumericalError: the loss or a gradient is NaN/Inf (unless ``cfg.skip_nonfinite``); the
+            checkpoint on disk is the last good one.
+        FitInterrupted: SIGINT/SIGTERM arrived; the checkpoint holds the last finished step.
     """
     cfg.validate()
     pyro.set_rng_seed(cfg.seed)
@@ -163,38 +228,81 @@ def fit_svi(
     elbo_cls = ELBOS[cfg.elbo]
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
                        max_plate_nesting=1)(model, guide)
-    params = [p for p in guide.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    named = [(n, p) for n, p in guide.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # no decay on biases (they hold the initial posterior) nor on the gate threshold's log τ0, log β
+    decay = [p for n, p in named if n.endswith("weight")]
+    no_decay = [p for n, p in named if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    sampler = MinibatchSampler(len(images), cfg.batch_size, cfg.seed)
     result = FitResult()
     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    g = torch.Generator().manual_seed(cfg.seed)
+    first = 1
+    if resume:
+        if checkpoint_path is None or not checkpoint_path.is_file():
+            raise ConfigError(f"nothing to resume: {checkpoint_path} does not exist; start without --resume")
+        saved = load_training_state(checkpoint_path, guide, opt, sched)
+        sampler.load(saved["sampler"])
+        best_state = saved["best_state"]
+        for key, value in saved["history"].items():
+            setattr(result, key, value)
+        first = saved["step"] + 1
+        log.info("resuming at step %d", first)
+
+    def save(step: int) -> None:
+        history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_val_accuracy")}
+        save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
+
     start = time.time()
-    bar = tqdm(minibatch_indices(len(images), cfg.batch_size, cfg.steps, g), total=cfg.steps, desc="svi",
-               disable=not progress)
-    for step, idx in enumerate(bar, 1):
-        guide.train()
-        idx = idx.to(images.device)
-        loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
-                       kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                       temperature=cfg.train_temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-        opt.step()
-        sched.step()
-        result.elbo_trace.append(-loss.item())
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
-            result.val_history.append({"step": step, "elbo": -loss.item(), "val_accuracy": acc})
-            bar.set_postfix(elbo=f"{-loss.item():.1f}", val_acc=f"{acc:.3f}")
-            if acc > result.best_val_accuracy:
-                result.best_val_accuracy, result.best_step = acc, step
-                best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            atomic_save(guide.state_dict(), checkpoint_path, {"step": str(step)})
+    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi", disable=not progress)
+    with _StopRequest() as stop:
+        for step in bar:
+            guide.train()
+            idx = sampler.next().to(images.device)
+            opt.zero_grad(set_to_none=True)
+            try:
+                loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
+                               kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                               temperature=cfg.train_temperature)
+            except ValueError as err:  # a distribution refused NaN/Inf parameters
+                if "invalid values" not in str(err):
+                    raise
+                loss = torch.tensor(float("nan"))
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)))
+            if not finite:
+                if not cfg.skip_nonfinite:
+                    raise NumericalError(
+                        f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
+                        "checkpoint is kept: lower --lr, or pass --skip-nonfinite to skip such steps"
+                    )
+                log.warning("skipping step %d: non-finite loss or gradient", step)
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.step()
+            sched.step()
+            elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
+            result.elbo_trace.append(elbo)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                acc = float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
+                result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None,
+                                           "val_accuracy": acc})
+                bar.set_postfix(elbo=f"{elbo:.1f}", val_acc=f"{acc:.3f}")
+                if acc > result.best_val_accuracy:
+                    result.best_val_accuracy, result.best_step = acc, step
+                    best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+            if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal):
+                save(step)
+            if stop.signal:
+                saved = "checkpoint written; continue with --resume" if checkpoint_path else "no checkpoint was asked for"
+                raise FitInterrupted(f"{stop.signal} at SVI step {step}: {saved}")
     result.seconds = time.time() - start
-    result.samples_per_second = cfg.steps * min(cfg.batch_size, len(images)) * cfg.num_particles / max(result.seconds, 1e-9)
+    done = cfg.steps - first + 1
+    result.samples_per_second = done * min(cfg.batch_size, len(images)) * cfg.num_particles / max(result.seconds, 1e-9)
     guide.load_state_dict(best_state)
     guide.eval()
     return result

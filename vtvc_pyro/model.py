@@ -49,9 +49,10 @@ class VTVCModel(torch.nn.Module):
         flat = lam.reshape(-1, *lam.shape[-2:])  # [P*N, T, G], particle-major
         reps = flat.shape[0] // n
         x = images.unsqueeze(0).expand(reps, *images.shape).reshape(-1, *images.shape[1:])
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=images.is_cuda):
-            feats = self.composer.per_sample(x, flat)
-        logits = F.normalize(feats.float(), dim=-1) @ self.head.T
+        # fp32 throughout, GPU included: under bf16 autocast θ0 + λτ is rounded to ~0.4 % and
+        # small λτ would vanish, while the fp32 baselines keep it (an unfair comparison).
+        feats = self.composer.per_sample(x, flat)
+        logits = F.normalize(feats, dim=-1) @ self.head.T
         return logits.reshape(*lead, n, -1)
 
     def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):

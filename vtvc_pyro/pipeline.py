@@ -6,7 +6,9 @@ Learned methods train on the target's train split, pick their checkpoint on val 
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import platform
 import subprocess
 import time
@@ -15,6 +17,7 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
+import pyro
 import torch
 
 from . import baselines
@@ -83,10 +86,25 @@ def environment() -> dict:
             "git_commit": commit, "cuda": torch.cuda.is_available()}
 
 
-def prepare_output(out: Path, overwrite: bool = False) -> Path:
-    """Create the run folder; an existing non-empty one is refused unless ``overwrite``."""
+def prepare_output(out: Path, cfg_dict: dict, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the run folder, or check the one to resume.
+
+    A non-empty folder is refused unless ``overwrite`` (files are then replaced) or ``resume`` (it
+    must hold a checkpoint of a run with the same settings).
+    """
+    if resume:
+        saved = out / "config.json"
+        if not (out / "checkpoint.safetensors").is_file() or not saved.is_file():
+            raise ConfigError(f"--resume: {out} holds no checkpoint of a run; start it without --resume")
+        before = json.loads(saved.read_text())["fit"]
+        changed = sorted(k for k in set(before) | set(cfg_dict) if before.get(k) != cfg_dict.get(k))
+        if changed:
+            raise ConfigError(f"--resume: the run in {out} used other settings ({', '.join(changed)}); "
+                              "resume with the same options")
+        return out
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output folder {out} exists and is not empty: pass another --out, or --overwrite to replace it")
+        raise ConfigError(f"output folder {out} exists and is not empty: pass another --out, --resume to continue "
+                          "it, or --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     return out
@@ -96,7 +114,7 @@ def default_out(target: str) -> Path:
     return Path("runs") / f"{target.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Fit VTVC and the baselines on ``cfg.target``; write config, metrics, guide and posterior to ``out``.
 
     Returns:
@@ -112,7 +130,8 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
     full = load_bank(cfg.bank)
     data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
     task = with_validation(load_dataset(cfg.target, data_seed), data_seed)
-    tasks = [t for t in full.vectors.tasks if t != cfg.target]  # never the target's own vector
+    own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
+    tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
     bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
     head = bank.head_for(task).to(device)
     if head.shape[0] != len(task.class_names):
@@ -122,15 +141,17 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
         x, y = task.split(split)
         data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
 
-    out = prepare_output(Path(out), overwrite)  # after every input is known to be usable
-    write_json(out / "config.json", {
-        "fit": {**asdict(cfg), "svi": asdict(cfg.svi)},
-        "prior_settings": prior.settings(),
-        "tasks": tasks,
-        "bank_fingerprint": full.manifest["base_fingerprint"],
-        "data_seed": data_seed,
-        "environment": environment(),
-    })
+    fit_settings = json.loads(json.dumps({**asdict(cfg), "svi": asdict(cfg.svi)}))  # JSON-normalised
+    out = prepare_output(Path(out), fit_settings, overwrite, resume)  # after every input is known to be usable
+    if not resume:
+        write_json(out / "config.json", {
+            "fit": fit_settings,
+            "prior_settings": prior.settings(),
+            "tasks": tasks,
+            "bank_fingerprint": full.manifest["base_fingerprint"],
+            "data_seed": data_seed,
+            "environment": environment(),
+        })
 
     visual = bank.model.visual
     methods, extra = {}, {}
@@ -151,14 +172,15 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
     methods["atlas"] = baselines.predict_shared(per_block, head, test_x, lam_atlas)
 
     composer = per_block if cfg.granularity == "block" else Composer(visual, bank.vectors, cfg.granularity)
+    pyro.set_rng_seed(cfg.svi.seed)  # the guide's initial weights depend on the seed alone
     model = VTVCModel(composer, head, prior).to(device)
     guide = make_guide(
         cfg.guide, feature_dim=test_f.shape[1], num_tasks=composer.num_tasks, num_groups=composer.num_groups,
         prior=prior, hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta, learn_threshold=cfg.learn_threshold,
         slab_mean_init=cfg.slab_mean_init, gate_logit_init=cfg.gate_logit_init, slab_logvar_init=cfg.slab_logvar_init,
     ).to(device)
-    fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "guide.safetensors",
-                  progress=progress)
+    fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "checkpoint.safetensors",
+                  resume=resume, progress=progress)
     atomic_save(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
     probs_s, lam_s, gate_s = sample_probs(model, guide, test_x, test_f, cfg.eval_samples, cfg.svi.eval_temperature,
                                           generator_seed=cfg.svi.seed)
@@ -172,7 +194,8 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
         "tasks": tasks,
         "svi": {"best_step": fit.best_step, "best_val_accuracy": fit.best_val_accuracy,
                 "seconds": round(fit.seconds, 2), "samples_per_second": round(fit.samples_per_second, 1),
-                "final_elbo": fit.elbo_trace[-1], "val_history": fit.val_history},
+                "final_elbo": next((e for e in reversed(fit.elbo_trace) if math.isfinite(e)), None),
+                "val_history": fit.val_history},
         "baselines": extra,
         "seconds": round(time.time() - start, 2),
     }
@@ -182,7 +205,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, progress: bool =
     keep = min(cfg.posterior_samples, len(test_y))
     idata = to_inference_data(
         lam_s[:, :keep], gate_s[:, :keep], probs_s[:, :keep], test_y[:keep], tasks, composer.group_labels,
-        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "prior": cfg.prior, "guide": cfg.guide},
+        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "prior": cfg.prior, "guide": cfg.guide, "granularity": cfg.granularity},
     )
     save_inference_data(idata, out / "posterior.nc")
     return metrics

@@ -45,22 +45,27 @@ def layer_inclusion(idata) -> tuple[np.ndarray, list[str], list[str]]:
     """Posterior inclusion probability averaged into (task, layer): ``[T, L]``, task and layer labels."""
     gate = idata.posterior["gate"].mean(("chain", "draw", "sample"))  # (task, block)
     blocks = [str(b) for b in gate["block"].values]
+    if idata.posterior.attrs.get("granularity", "block") != "block":  # already layers, or one group
+        return gate.values, [str(t) for t in gate["task"].values], blocks
     groups, labels = block_groups(blocks, "layer")
     values = gate.values
     table = np.stack([values[:, [i for i, g in enumerate(groups) if g == k]].mean(1) for k in range(len(labels))], 1)
     return table, [str(t) for t in gate["task"].values], labels
 
 
-def summarize(idata, predictions: dict, hdi_prob: float = 0.9) -> dict:
+def summarize(idata, hdi_prob: float = 0.9) -> dict:
     """Per task, per (task, block) and per sample summaries (JSON-ready).
 
-    SVI draws are independent, so Monte Carlo standard errors are sd / sqrt(draws); r_hat and ESS
-    would be trivially ~1 and are not reported.
+    ``lam_mean`` averages λ over draws and saved test samples; the HDI and the Monte Carlo error
+    are those of the sample-averaged λ over draws. SVI draws are independent, so the MC error is
+    sd / sqrt(draws); r_hat and ESS would be trivially ~1 and are not reported.
     """
     post = idata.posterior
     draws = post.sizes["draw"] * post.sizes["chain"]
     inc = inclusion_summary(idata)
-    hdi = az.hdi(post["lam"].mean("sample"), hdi_prob=hdi_prob)["lam"]  # (task, block, hdi)
+    sample_mean = post["lam"].mean("sample")  # λ averaged over the saved test samples, per draw
+    hdi = az.hdi(sample_mean, hdi_prob=hdi_prob)["lam"]  # (task, block, hdi)
+    mcse = sample_mean.std(("chain", "draw")) / np.sqrt(draws)
     per_block = []
     for t in inc["task"].values:
         for b in inc["block"].values:
@@ -68,8 +73,8 @@ def summarize(idata, predictions: dict, hdi_prob: float = 0.9) -> dict:
                 "task": str(t), "block": str(b),
                 "inclusion": float(inc["inclusion"].sel(task=t, block=b)),
                 "lam_mean": float(inc["lam_mean"].sel(task=t, block=b)),
-                "lam_hdi": [float(x) for x in hdi.sel(task=t, block=b).values],
-                "mcse": float(inc["lam_sd"].sel(task=t, block=b)) / np.sqrt(draws),
+                "sample_mean_lam_hdi": [float(x) for x in hdi.sel(task=t, block=b).values],
+                "lam_mcse": float(mcse.sel(task=t, block=b)),
             })
     per_task = {
         str(t): {
@@ -231,7 +236,7 @@ def build_report(run_dir: str | Path) -> dict:
     idata, predictions, metrics = load_run(run_dir)
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
-    summary = summarize(idata, predictions)
+    summary = summarize(idata)
     summary["target"] = metrics["target"]
     summary["figures"] = [str(p.relative_to(run_dir)) for p in (
         plot_elbo(idata, figures / "elbo.png"),

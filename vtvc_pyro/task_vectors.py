@@ -139,7 +139,7 @@ class TaskVector:
         except (SafetensorError, OSError, ValueError) as err:
             raise BankError(f"task vector {path} is truncated or corrupt ({err}); rebuild or re-import it") from err
         if meta.get("format") != FORMAT:
-            raise BankError(f"{path} is not a vtvc task vector (no '{FORMAT}' metadata); import it with scripts/import_checkpoints.py")
+            raise BankError(f"{path} is not a vtvc task vector (no '{FORMAT}' metadata); convert it with TaskVector.from_state_dicts(...).save()")
         tv = cls(
             task=meta["task"],
             arch=meta["arch"],
@@ -286,7 +286,7 @@ def load_pickled_checkpoint(path: str | Path, trust: bool = False) -> dict[str, 
     path = Path(path)
     if not trust:
         raise BankError(
-            f"{path} is a pickle, and unpickling can run code: pass --trust-pickle (trust=True) only for files from "
+            f"{path} is a pickle, and unpickling can run code: pass trust=True only for files from "
             "a source you trust; the result is converted once to safetensors"
         )
     if not path.is_file():

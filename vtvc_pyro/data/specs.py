@@ -22,11 +22,6 @@ from .suite import TaskData
 SUITE_TASKS = (*suite.SOURCES, *suite.TARGETS)
 
 
-def list_datasets() -> list[str]:
-    """Every spec of the embedded suite, plus the ``imagefolder:PATH`` form."""
-    return [*SUITE_TASKS, "imagefolder:PATH"]
-
-
 def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE) -> TaskData:
     """Resolve a spec string to images, labels, class names and templates.
 
