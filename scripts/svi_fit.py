@@ -43,8 +43,8 @@ def main(args):
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(format_table(metrics))
-    print(f"SVI: {metrics['svi']['samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
-          f"total {metrics['seconds']} s")
+    print(f"SVI: {metrics['timing']['svi_samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
+          f"total {metrics['timing']['total_seconds']} s")
     summary = build_report(out)
     print(f"wrote {out} (and {len(summary['figures'])} figures; rebuild them with scripts/report.py {out})")
 

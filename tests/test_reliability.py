@@ -60,8 +60,7 @@ def test_sigkill_then_resume_gives_the_same_metrics(bank_path, tmp_path, uninter
     resumed = run_script("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS)
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["methods"] == uninterrupted["methods"]
-    assert metrics["svi"]["val_history"] == uninterrupted["svi"]["val_history"]
+    assert metrics == uninterrupted  # the whole file: same seed and device give the same metrics.json
 
 
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(bank_path, tmp_path):

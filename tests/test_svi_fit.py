@@ -9,7 +9,8 @@ from .conftest import run_script
 
 def test_fit_writes_every_output(short_run):
     out, stdout = short_run
-    for name in ("config.json", "metrics.json", "guide.safetensors", "posterior.nc", "predictions.safetensors"):
+    for name in ("config.json", "metrics.json", "timing.json", "guide.safetensors", "checkpoint.safetensors",
+                 "posterior.nc", "predictions.safetensors"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target"] == "mixed"
@@ -52,6 +53,10 @@ def test_existing_out_is_refused_and_kept(short_run):
         (["--prior", "nope"], "unknown prior"),
         (["--prior-arg", "pi=2"], "pi must lie in (0, 1)"),
         (["--steps", "0"], "steps must be > 0"),
+        (["--batch-size", "0"], "batch_size must be > 0"),
+        (["--prior", "gaussian", "--prior-arg", "slab_scale=-1"], "slab_scale must be > 0"),
+        (["--kl-weight", "0"], "kl_weight must be > 0"),
+        (["--target", "imagefolder:/nonexistent"], "needs train/<class>"),
         (["--target", "imagenet"], "unknown data set spec"),
     ],
 )
