@@ -84,6 +84,8 @@ def test_resume_refuses_changed_settings_or_missing_checkpoint(bank_path, tmp_pa
     assert proc.returncode == 2 and "other settings (svi)" in proc.stderr
 
 
+# a skipped step still advances the schedule (it stays aligned with the step count); torch warns about that
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_nan_stops_the_fit_naming_the_step():
     model, guide, x, f, y = tiny_problem()
     with torch.no_grad():
@@ -93,3 +95,28 @@ def test_nan_stops_the_fit_naming_the_step():
     result = fit_svi(model, guide, (x, f, y), (x, f, y), SVIConfig(steps=3, eval_every=1, skip_nonfinite=True),
                      progress=False)
     assert len(result.elbo_trace) == 3
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("train_temperature", -0.1, "train_temperature must be > 0"),
+    ("eval_temperature", 0.0, "eval_temperature must be > 0"),
+    ("lr", 0.0, "lr must be > 0"),
+    ("num_particles", 0, "num_particles must be > 0"),
+    ("elbo", "renyi", "unknown ELBO"),
+    ("kl_reduction", "max", "kl_reduction must be"),
+])
+def test_invalid_svi_settings_are_refused(field, value, message):
+    from vtvc_pyro.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        SVIConfig(**{field: value}).validate()
+
+
+def test_empty_data_root_is_refused(tmp_path):
+    from vtvc_pyro.data import specs
+    from vtvc_pyro.errors import DataError
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        specs.load_dataset(f"imagefolder:{tmp_path}")

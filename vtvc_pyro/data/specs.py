@@ -57,7 +57,11 @@ def _imagefolder(root: Path, image_size: int) -> TaskData:
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():
             continue
-        ds = datasets.ImageFolder(str(root / split), transform=tf)
+        try:
+            ds = datasets.ImageFolder(str(root / split), transform=tf)
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(f"{root / split} holds no class folders with images ({err}); "
+                            f"put images in {root / split}/<class>/") from err
         if classes is not None and ds.classes != classes:
             raise DataError(f"{root / split} has classes {ds.classes}, but train has {classes}; use the same class folders")
         classes = ds.classes
