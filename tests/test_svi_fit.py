@@ -70,3 +70,15 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path, bank_path):
 def test_list_priors():
     proc = run_script("--list-priors")
     assert proc.returncode == 0 and "spike_slab" in proc.stdout and "gaussian" in proc.stdout
+
+
+@pytest.mark.parametrize("prior", ["gaussian", "laplace"])
+def test_every_prior_fits_end_to_end(prior, bank_path, tmp_path):
+    """The default prior runs in ``short_run``; the others with the amortized guide."""
+    out = tmp_path / prior
+    proc = run_script("--bank", str(bank_path), "--prior", prior, "--guide", "amortized", "--steps", "5",
+                      "--eval-every", "5", "--eval-samples", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert idata.posterior.attrs["prior"] == prior
+    assert float(idata.posterior["gate"].min()) == 1.0  # no gate site: every component is kept

@@ -108,6 +108,24 @@ class Gaussian(Prior):
         return pyro.deterministic("lam", slab, event_dim=2)
 
 
+@register
+class Laplace(Prior):
+    """Sparsity by shrinkage instead of a spike: λ = s, s ~ Laplace(0, b) (the Bayesian lasso)."""
+
+    name = "laplace"
+    has_gate = False
+    formula = "p(λ) = Laplace(0, b)"
+
+    def __init__(self, scale: float = 0.5):
+        self.scale = _positive("scale", scale)
+
+    def sample(self, num_tasks, num_groups, like, temperature):
+        slab = pyro.sample(
+            "slab", dist.Laplace(like.new_zeros(()), self.scale).expand([num_tasks, num_groups]).to_event(2)
+        )
+        return pyro.deterministic("lam", slab, event_dim=2)
+
+
 def make_prior(name: str, **kwargs) -> Prior:
     """Build a registered prior by name; unknown names and arguments give a clear error."""
     if name not in PRIORS:
