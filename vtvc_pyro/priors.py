@@ -90,40 +90,46 @@ class SpikeAndSlab(Prior):
         return kl.sum((-2, -1))
 
 
+class SlabOnlyPrior(Prior):
+    """A prior without a gate: λ = s with s drawn from :meth:`slab_distribution`."""
+
+    has_gate = False
+
+    def slab_distribution(self, like: torch.Tensor) -> dist.Distribution:
+        """The scalar slab density on ``like``'s device."""
+        raise NotImplementedError
+
+    def sample(self, num_tasks, num_groups, like, temperature):
+        slab = pyro.sample("slab", self.slab_distribution(like).expand([num_tasks, num_groups]).to_event(2))
+        return pyro.deterministic("lam", slab, event_dim=2)
+
+
 @register
-class Gaussian(Prior):
+class Gaussian(SlabOnlyPrior):
     """No sparsity: λ = s, s ~ N(0, σ0²) (the ablation against the spike)."""
 
     name = "gaussian"
-    has_gate = False
     formula = "p(λ) = N(0, σ0²)"
 
     def __init__(self, slab_scale: float = 1.0):
         self.slab_scale = _positive("slab_scale", slab_scale)
 
-    def sample(self, num_tasks, num_groups, like, temperature):
-        slab = pyro.sample(
-            "slab", dist.Normal(like.new_zeros(()), self.slab_scale).expand([num_tasks, num_groups]).to_event(2)
-        )
-        return pyro.deterministic("lam", slab, event_dim=2)
+    def slab_distribution(self, like):
+        return dist.Normal(like.new_zeros(()), self.slab_scale)
 
 
 @register
-class Laplace(Prior):
+class Laplace(SlabOnlyPrior):
     """Sparsity by shrinkage instead of a spike: λ = s, s ~ Laplace(0, b) (the Bayesian lasso)."""
 
     name = "laplace"
-    has_gate = False
     formula = "p(λ) = Laplace(0, b)"
 
     def __init__(self, scale: float = 0.5):
         self.scale = _positive("scale", scale)
 
-    def sample(self, num_tasks, num_groups, like, temperature):
-        slab = pyro.sample(
-            "slab", dist.Laplace(like.new_zeros(()), self.scale).expand([num_tasks, num_groups]).to_event(2)
-        )
-        return pyro.deterministic("lam", slab, event_dim=2)
+    def slab_distribution(self, like):
+        return dist.Laplace(like.new_zeros(()), self.scale)
 
 
 def make_prior(name: str, **kwargs) -> Prior:
