@@ -23,9 +23,9 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.distributions.utils import clamp_probs
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions.utils import clamp_probs
 
 from .errors import ConfigError
 from .priors import Prior, Site
