@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .baselines import BASELINES, SEEDED_BASELINES
 from .bank import write_json
+from .baselines import BASELINES, SEEDED_BASELINES
 from .errors import ConfigError
 from .evaluate import classification_metrics
 from .guide import GUIDES
