@@ -57,7 +57,7 @@ class Prior:
     name = ""
     formula = ""
     sites: tuple[Site, ...] = ()
-    gate_site: str | None = None  # the binary site the guide's keep rule acts on
+    gate_site: str | None = None  # the binary site the guide's keep rule acts on (then define gate_kl)
     value_site: str = "slab"  # the site whose |mean| and spread drive the keep rule
     analytic_kl = False
 
@@ -96,12 +96,6 @@ class Prior:
             with pyro.poutine.mask(mask=not (site.support == "binary" and self.analytic_kl)):
                 values[site.name] = pyro.sample(site.name, prior.to_event(len(dims)))
         return pyro.deterministic("lam", self.combine(values), event_dim=2)
-
-    def gate_kl(self, probs: torch.Tensor) -> torch.Tensor:
-        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over a sample's gates: ``[N, *gate shape]`` -> ``[N]``."""
-        pi = probs.new_tensor(self.pi)
-        kl = probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
-        return kl.flatten(1).sum(-1)
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -146,6 +140,12 @@ class SpikeAndSlab(Prior):
         if name == "gate":
             return _relaxed_gate(self.pi, like, temperature)
         return dist.Normal(like.new_zeros(()), self.slab_scale)
+
+    def gate_kl(self, probs: torch.Tensor) -> torch.Tensor:
+        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over a sample's gates: ``[N, *gate shape]`` -> ``[N]``."""
+        pi = probs.new_tensor(self.pi)
+        kl = probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
+        return kl.flatten(1).sum(-1)
 
     def combine(self, values):
         gate = values["gate"]
