@@ -117,6 +117,22 @@ def test_continuous_spike_scale_follows_the_gate():
         make_prior("spike_slab_continuous", spike_scale=2.0)
 
 
+def test_continuous_spike_posterior_is_the_spike_where_the_gate_is_off():
+    """q(slab | gate = 0) is the prior's spike, so a switched-off component costs no slab KL."""
+    model, guide, x, f, y = tiny_problem("spike_slab_continuous")
+    with torch.no_grad():
+        guide.heads["gate_logit"][2].bias.fill_(0.0)  # gates half on, half off
+    g = poutine.trace(guide).get_trace(x, f, y, temperature=0.5)
+    m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y, temperature=0.5)
+    gate, slab = g.nodes["gate"]["value"], g.nodes["slab"]["value"]
+    off = gate == 0
+    assert off.any() and (~off).any()
+    log_q = g.nodes["slab"]["fn"].base_dist.log_prob(slab)
+    log_p = m.nodes["slab"]["fn"].base_dist.log_prob(slab)
+    assert torch.allclose(log_q[off], log_p[off])
+    assert slab[off].abs().max() < 0.06  # drawn from N(0, 0.01²)
+
+
 def test_horseshoe_combines_global_local_and_slab():
     prior = make_prior("horseshoe", global_scale=0.5)
     values = {"tau": torch.tensor([2.0, 3.0]), "kappa": torch.full((2, 3, 4), 0.5), "slab": torch.ones(2, 3, 4)}

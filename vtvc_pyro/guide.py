@@ -178,36 +178,45 @@ class AmortizedGatedGuide(PyroModule):
             return torch.sigmoid(self.sharpness * (importance - threshold))
         return (importance >= threshold).to(loc.dtype)
 
-    def _posterior(self, site: Site, p: dict, temperature: float) -> dist.Distribution:
+    def _posterior(self, site: Site, p: dict, temperature: float, values: dict) -> dist.Distribution:
+        """q of ``site`` given the values drawn for the sites before it (the prior may condition on them)."""
         if site.support == "binary":
-            return dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
-        if site.support == "positive":
-            return dist.LogNormal(p["loc"], p["scale"])
-        return dist.Normal(p["loc"], p["scale"])
+            q = dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
+        elif site.support == "positive":
+            q = dist.LogNormal(p["loc"], p["scale"])
+        else:
+            q = dist.Normal(p["loc"], p["scale"])
+        return self.prior.condition_posterior(site.name, q, values)
 
     def mean_coefficients(self, features: torch.Tensor) -> torch.Tensor:
         """Deterministic coefficients ``[N, T, G]``: gates at q(gate) (eval: hard keep), real sites at
-        their mean, positive sites at their median, combined by the prior."""
+        their (conditional) mean, positive sites at their median, combined by the prior."""
         params = self.posterior_params(features)
         values = {}
         for site in self.prior.sites:
             p = params[site.name]
-            values[site.name] = p["probs"] if site.support == "binary" else (
-                p["loc"].exp() if site.support == "positive" else p["loc"])
+            if site.support == "binary":
+                values[site.name] = p["probs"]
+            elif site.support == "positive":
+                values[site.name] = p["loc"].exp()
+            else:
+                values[site.name] = self._posterior(site, p, 1.0, values).mean
         return self.prior.combine(values)
 
     def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
         """Pyro guide; mirrors :meth:`VTVCModel.forward` site by site (the prior's sites, in order)."""
         params = self.posterior_params(features)
         num_data = num_data or features.shape[0]
+        values = {}
         with pyro.plate("data", num_data, subsample=torch.arange(features.shape[0], device=features.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
                 for site in self.prior.sites:
                     p = params[site.name]
-                    q = self._posterior(site, p, temperature).to_event(len(site.dims(self.num_tasks, self.num_groups)))
+                    q = self._posterior(site, p, temperature, values)
+                    q = q.to_event(len(site.dims(self.num_tasks, self.num_groups)))
                     analytic = site.support == "binary" and self.prior.analytic_kl
                     with pyro.poutine.mask(mask=not analytic):
-                        pyro.sample(site.name, q)
+                        values[site.name] = pyro.sample(site.name, q)
                     if analytic:
                         # a guide factor adds to log q, so +KL here subtracts the exact gate KL from the ELBO
                         pyro.factor(f"{site.name}_kl", self.prior.gate_kl(p["probs"]), has_rsample=True)
@@ -222,8 +231,11 @@ class AmortizedGatedGuide(PyroModule):
         """
         params = self.posterior_params(features)
         # rsample, not sample: only rsample quantizes the relaxed gate draw to exact 0/1.
-        values = {site.name: self._posterior(site, params[site.name], temperature).rsample((num_samples,))
-                  for site in self.prior.sites}
+        values = {}
+        for site in self.prior.sites:
+            q = self._posterior(site, params[site.name], temperature, values)
+            conditional = len(q.batch_shape) > 1 + len(site.dims(self.num_tasks, self.num_groups))  # has the S dim
+            values[site.name] = q.rsample() if conditional else q.rsample((num_samples,))
         return self.prior.combine(values), self.prior.inclusion(values)
 
 
