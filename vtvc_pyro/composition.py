@@ -32,7 +32,7 @@ Coefficients come at a *granularity*: one per (task, block) (``block``), per (ta
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -99,7 +99,7 @@ class LowRankBank:
         deltas = {n: self.block_delta(n).float() for n in self.blocks}
         return TaskVectorBank(self.arch, list(self.tasks), self.base, deltas, self.base_fingerprint, list(self.blocks))
 
-    def select(self, tasks: Iterable[str]) -> "LowRankBank":
+    def select(self, tasks: Iterable[str]) -> LowRankBank:
         """A bank with only ``tasks`` (factors keep their padded rank)."""
         tasks = list(tasks)
         unknown = [t for t in tasks if t not in self.tasks]
@@ -114,7 +114,7 @@ class LowRankBank:
             {k: [e[i] for i in idx] for k, e in self.kept_energy.items()}, self.base_fingerprint, list(self.blocks),
         )
 
-    def to(self, device: str | torch.device) -> "LowRankBank":
+    def to(self, device: str | torch.device) -> LowRankBank:
         return LowRankBank(
             self.arch, self.tasks, {k: v.to(device) for k, v in self.base.items()},
             {k: v.to(device) for k, v in self.dense.items()},
