@@ -101,13 +101,13 @@ def test_gradients_reach_only_the_coefficients():
 
 
 def test_auto_plan_follows_the_cost_model():
-    """Dense bank: one token (the output projection) -> linear, 17 tokens -> materialize; factors -> lowrank."""
+    """Dense bank: one token (the output projection) -> linear, 17 tokens -> materialize; rank-1 factors -> lowrank."""
     model, _, _, bank = random_bank()
     plan = Composer(model.visual, bank).plan()
     assert plan["proj"] == "linear"
     assert plan["transformer.resblocks.0.mlp.c_fc.weight"] == "materialize"
-    low_plan = Composer(model.visual, truncate_bank(bank, rank=2)).plan()
-    assert set(low_plan.values()) == {"lowrank"}
+    assert set(Composer(model.visual, truncate_bank(bank, rank=1)).plan().values()) == {"lowrank"}
+    assert Composer(model.visual, truncate_bank(bank, rank=16), strategy="lowrank").plan()["conv1.weight"] == "lowrank"
     assert Composer(model.visual, bank).plan(strategy="linear")["conv1.weight"] == "linear"
 
 

@@ -31,6 +31,7 @@ Coefficients come at a *granularity*: one per (task, block) (``block``), per (ta
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 
@@ -49,8 +50,9 @@ STRATEGIES = ("auto", "lowrank", "materialize", "linear")
 #: ``T·L`` (``L`` tokens). Building a weight is bound by memory traffic (write and re-read
 #: ``out·in`` floats, twice with backward), hence the constant; benchmarked in docs/benchmarks.md.
 MATERIALIZE_OVERHEAD = 32
-#: working memory of one chunk of per-sample weights (``materialize``) or task outputs (``linear``)
-CHUNK_BYTES = 64 * 2**20
+#: working memory of one chunk of per-sample weights (``materialize``, kept by the composer as its
+#: workspace) or of task outputs (``linear``, transient)
+CHUNK_BYTES = 256 * 2**20
 
 
 def _layer_of(block: str) -> str:
@@ -134,6 +136,8 @@ class Composer(torch.nn.Module):
         self.chunk_bytes = int(chunk_bytes)
         self.matrices = matrix_blocks(self.visual)
         self._lowrank_cache: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._workspace: torch.Tensor | None = None
+        self._largest = max(self.visual.get_parameter(n).numel() for n in self.matrices)
 
     # ------------------------------------------------------------ shapes
     @property
@@ -171,20 +175,34 @@ class Composer(torch.nn.Module):
     def choose(self, name: str, tokens: int, strategy: str | None = None) -> str:
         """The strategy of one weight matrix for ``tokens`` tokens per sample.
 
-        Returns ``base`` (no task vector), ``lowrank``, ``materialize`` or ``linear``. Per sample and
-        with ``T`` tasks, ``materialize`` costs about ``(T + MATERIALIZE_OVERHEAD)·out·in`` and
-        ``linear`` ``T·tokens·out·in`` on top of the base product; ``lowrank``
-        ``T·tokens·r·(in + out)``, which is taken wherever the bank has factors.
+        Returns ``base`` (no task vector), ``lowrank``, ``materialize`` or ``linear``. A forced
+        ``materialize`` or ``linear`` is taken as it is; ``lowrank`` where the bank has factors
+        (other blocks as ``auto``); ``auto`` the cheapest by this cost model, in multiply-adds per
+        sample on top of the base product (``T`` tasks, ``L`` tokens, ``W [out, in]``, rank ``r``):
+
+        - ``lowrank``: ``L·T·r·(in + out)``;
+        - ``materialize``: ``(T + MATERIALIZE_OVERHEAD)·out·in`` (building weights is bound by
+          memory traffic, hence the constant);
+        - ``linear``: ``L·T·out·in``.
+
+        Factored blocks pay ``T·r·out·in`` per call to rebuild the dense vectors for the last two.
         """
         strategy = strategy or self.strategy
         if name not in self.group_of_block:
             return "base"
         if strategy in ("materialize", "linear"):
             return strategy
-        if self.bank.block_factors(name) is not None:
+        factors = self.bank.block_factors(name)
+        if factors is not None and strategy == "lowrank":
             return "lowrank"
         t = self.num_tasks
-        return "linear" if tokens * t < t + MATERIALIZE_OVERHEAD else "materialize"
+        out_f, in_f = _linear_view(name, self.visual.get_parameter(name), 0).shape
+        costs = {"materialize": (t + MATERIALIZE_OVERHEAD) * out_f * in_f, "linear": tokens * t * out_f * in_f}
+        if factors is not None:
+            r = factors[0].shape[-1]
+            costs = {k: v + t * r * out_f * in_f for k, v in costs.items()}
+            costs["lowrank"] = tokens * t * r * (in_f + out_f)
+        return min(costs, key=costs.get)
 
     def plan(self, image_size: int | None = None, strategy: str | None = None) -> dict[str, str]:
         """Strategy of every weight matrix of the tower for images of ``image_size`` pixels (default: the tower's)."""
@@ -248,10 +266,20 @@ class Composer(torch.nn.Module):
                 vcat, ucat, r = self._lowrank_layout(name)
                 return _lowrank_linear(x, c, w0, vcat, ucat, r)
             delta = _linear_view(name, self.bank.block_delta(name), 1)
-            fn = _MaterializedLinear if how == "materialize" else _LinearityLinear
-            return fn.apply(x, c, w0, delta, self.chunk_bytes)
+            if how == "linear":
+                return _LinearityLinear.apply(x, c, w0, delta, self.chunk_bytes)
+            # one workspace for every layer, sized by the largest matrix, so it is allocated once
+            chunk = min(x.shape[0], max(1, self.chunk_bytes // (4 * self._largest)))
+            return _MaterializedLinear.apply(x, c, w0, delta, self.workspace(chunk * self._largest, x.device))
 
         return vit_forward(self.visual, params, images, linear)
+
+    def workspace(self, numel: int, device: torch.device) -> torch.Tensor:
+        """A flat fp32 buffer of at least ``numel`` elements, kept for later layers and calls."""
+        ws = self._workspace
+        if ws is None or ws.numel() < numel or ws.device != torch.device(device):
+            ws = self._workspace = torch.empty(numel, dtype=torch.float32, device=device)
+        return ws
 
     def _lowrank_layout(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Factors of a block as ``V_cat [T·r, in]`` and ``U_cat [out, T·r]`` (storage dtype, cached)."""
@@ -289,34 +317,41 @@ def _lowrank_linear(x: torch.Tensor, lam: torch.Tensor, w0: torch.Tensor, vcat: 
     return y.reshape(m, length, -1)
 
 
-def _chunk(numel_per_sample: int, chunk_bytes: int) -> int:
-    return max(1, chunk_bytes // max(1, 4 * numel_per_sample))
+def _steps(m: int, per_sample: int, capacity: int) -> int:
+    """Samples per chunk: as many as ``capacity`` elements hold, balanced over the chunks."""
+    most = max(1, capacity // max(1, per_sample))
+    return math.ceil(m / math.ceil(m / most))
 
 
 class _MaterializedLinear(torch.autograd.Function):
     """``y_i = x_i W_iᵀ`` with ``W_i = W0 + Σ_t λ_it ΔW_t`` built for a chunk of samples at a time.
 
     Forward and backward each rebuild the chunk's weights (one matrix product with inner size
-    ``T``), so memory holds one chunk of per-sample weights instead of ``M`` of them, and only
-    ``x`` and ``λ`` are saved. ``∂L/∂λ_it = ⟨ΔW_t, g_iᵀ x_i⟩``: one ``[out, in]`` outer product per
-    sample, then one product with the task vectors.
+    ``T``) in ``workspace``, a buffer the composer keeps across layers and calls (allocating
+    fresh pages for every chunk costs more than building the weights), so memory holds one chunk
+    of per-sample weights instead of ``M`` of them, and only ``x`` and ``λ`` are saved.
+    ``∂L/∂λ_it = ⟨ΔW_t, g_iᵀ x_i⟩``: one ``[out, in]`` outer product per sample (rank ≤ ``L``), then
+    one product with the task vectors.
 
     Inputs: ``x [M, L, in]`` fp32, ``lam [M, T]`` fp32, ``w0 [out, in]`` fp32, ``delta [T, out, in]``
-    in its storage dtype (converted per call, one block at a time), ``chunk_bytes`` an int.
+    in its storage dtype (converted per call, one block at a time), ``workspace`` a flat fp32
+    buffer of at least ``out·in`` elements.
     """
 
     @staticmethod
-    def forward(ctx, x, lam, w0, delta, chunk_bytes):
+    def forward(ctx, x, lam, w0, delta, workspace):
         out_f, in_f = w0.shape
         d = delta.reshape(delta.shape[0], -1).to(x.dtype)  # [T, out·in]; a view when already fp32
-        step = _chunk(out_f * in_f, chunk_bytes)
+        step = _steps(x.shape[0], out_f * in_f, workspace.numel())
+        buf = workspace[: step * out_f * in_f].view(step, out_f * in_f)
         y = x.new_empty(x.shape[0], x.shape[1], out_f)
         flat0 = w0.reshape(1, -1)
         for s in range(0, x.shape[0], step):
-            w = torch.addmm(flat0, lam[s : s + step], d).view(-1, out_f, in_f)
-            torch.bmm(x[s : s + step], w.transpose(1, 2), out=y[s : s + step])
+            n = min(step, x.shape[0] - s)
+            w = torch.addmm(flat0, lam[s : s + n], d, out=buf[:n]).view(n, out_f, in_f)
+            torch.bmm(x[s : s + n], w.transpose(1, 2), out=y[s : s + n])
         ctx.save_for_backward(x, lam, w0, delta)
-        ctx.step = step
+        ctx.workspace, ctx.step = workspace, step
         return y
 
     @staticmethod
@@ -328,15 +363,18 @@ class _MaterializedLinear(torch.autograd.Function):
         need_x, need_lam = ctx.needs_input_grad[:2]
         gx = torch.empty_like(x) if need_x else None
         glam = torch.empty_like(lam) if need_lam else None
+        buf = ctx.workspace[: ctx.step * out_f * in_f].view(ctx.step, out_f * in_f)
         flat0 = w0.reshape(1, -1)
         for s in range(0, x.shape[0], ctx.step):
-            gs = g[s : s + ctx.step]
-            w = torch.addmm(flat0, lam[s : s + ctx.step], d).view(-1, out_f, in_f)
+            n = min(ctx.step, x.shape[0] - s)
+            gs = g[s : s + n]
             if need_x:
-                torch.bmm(gs, w, out=gx[s : s + ctx.step])
+                w = torch.addmm(flat0, lam[s : s + n], d, out=buf[:n]).view(n, out_f, in_f)
+                torch.bmm(gs, w, out=gx[s : s + n])
             if need_lam:
-                outer = torch.bmm(gs.transpose(1, 2), x[s : s + ctx.step], out=w)  # reuse the chunk's buffer
-                torch.mm(outer.view(outer.shape[0], -1), d.t(), out=glam[s : s + ctx.step])
+                outer = torch.bmm(gs.transpose(1, 2), x[s : s + n], out=buf[:n].view(n, out_f, in_f))
+                # [T, out·in] @ [out·in, n]: this orientation runs about twice as fast on CPU as the transpose
+                glam[s : s + n] = torch.mm(d, outer.view(n, -1).t()).t()
         return gx, glam, None, None, None
 
 
@@ -353,7 +391,7 @@ class _LinearityLinear(torch.autograd.Function):
         t, out_f, in_f = delta.shape
         d = delta.reshape(t * out_f, in_f).to(x.dtype)
         m, length, _ = x.shape
-        step = _chunk(length * t * out_f, chunk_bytes)
+        step = _steps(m, length * t * out_f, chunk_bytes // 4)
         y = F.linear(x, w0)
         for s in range(0, m, step):
             z = F.linear(x[s : s + step], d).view(-1, length, t, out_f)
