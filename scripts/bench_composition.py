@@ -20,9 +20,9 @@ Usage::
 import argparse
 import ctypes
 import datetime
+import gc
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +50,8 @@ class PeakMemory:
         self.cpu_ok = device.type == "cpu" and Path("/proc/self/clear_refs").exists()
         if self.cpu_ok:
             try:  # glibc: large frees go back to the OS, so the resident set follows the live tensors
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
             except OSError:
                 self.cpu_ok = False
 
@@ -67,6 +68,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before = torch.cuda.memory_allocated(self.device)
         elif self.cpu_ok:
+            gc.collect()
+            self.libc.malloc_trim(0)  # hand back free heap pages, or the next run reuses them unseen
             Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
             self.before = self._status("VmRSS")
 
@@ -132,7 +135,8 @@ def sync(device: torch.device) -> None:
 
 
 def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMemory) -> tuple[float, float | None]:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the peak memory growth."""
+    """Fastest of ``repeats`` runs of ``fn()`` after ``warmup`` runs (seconds; the minimum, as the
+    machine may be shared), and the peak memory growth."""
     for _ in range(warmup):
         fn()
     times = []
@@ -143,11 +147,11 @@ def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMem
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times), memory.stop()
+    return min(times), memory.stop()
 
 
 def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int):
-    """``(forward, forward+backward)`` closures of one strategy."""
+    """``(forward, forward+backward, composer)`` of one strategy (``composer`` is ``None`` for the base)."""
     m = images.shape[0]
     if strategy == "base":
         def fwd():
@@ -157,7 +161,7 @@ def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int):
         def fwd_bwd():
             x = images.detach().requires_grad_(True)
             visual(x).sum().backward()
-        return fwd, fwd_bwd
+        return fwd, fwd_bwd, None
     bank = low if strategy in ("lowrank", "naive-lowrank") else dense
     composer = Composer(visual, bank, "block")
     gen = torch.Generator(device="cpu").manual_seed(2)
@@ -183,7 +187,7 @@ def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int):
     def fwd_bwd():
         c = lam.detach().requires_grad_(True)
         run(c).sum().backward()
-    return fwd, fwd_bwd
+    return fwd, fwd_bwd, composer
 
 
 def bench(args) -> dict:
@@ -198,19 +202,21 @@ def bench(args) -> dict:
         weights_mb = sum(p.numel() * 4 for p in visual.parameters()) / 2**20
         for batch in args.batch:
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-            base_fwd, base_fwd_bwd = passes("base", visual, None, None, images, 0)
-            base_fwd()  # warm up allocator and kernels once per geometry
-            base = {"fwd": measure(base_fwd, device, args.repeats, args.warmup, memory),
-                    "fwd_bwd": measure(base_fwd_bwd, device, args.repeats, args.warmup, memory)}
             for tasks in args.tasks:
                 dense, low = sliced(dense_all, tasks), sliced(low_all, tasks)
-                for strategy in args.strategies:
-                    if strategy == "base":
-                        fwd_t, fwd_bwd_t = base["fwd"], base["fwd_bwd"]
-                    else:
-                        f, fb = passes(strategy, visual, dense, low, images, tasks)
-                        fwd_t = measure(f, device, args.repeats, args.warmup, memory)
-                        fwd_bwd_t = measure(fb, device, args.repeats, args.warmup, memory)
+                base = None
+                for strategy in ["base", *[s for s in args.strategies if s != "base"]]:
+                    # the naive loops run M small passes: long enough that a warm-up run changes nothing
+                    warmup = 0 if strategy.startswith("naive") else args.warmup
+                    f, fb, composer = passes(strategy, visual, dense, low, images, tasks)
+                    repeats = args.tiny_repeats if model == "tiny" else args.repeats
+                    fwd_t = measure(f, device, repeats, warmup, memory)
+                    fwd_bwd_t = measure(fb, device, repeats, warmup, memory)
+                    base = base or {"fwd": fwd_t, "fwd_bwd": fwd_bwd_t}  # measured again per cell: ratios stay local in time
+                    if strategy not in args.strategies:
+                        continue
+                    # kept across calls: resident, so not in the growth; counted apart
+                    workspace = composer._workspace.numel() * 4 / 2**20 if composer is not None and composer._workspace is not None else 0.0
                     bank = low if strategy in ("lowrank", "naive-lowrank") else dense
                     row = {
                         "model": model, "layers": len(visual.transformer.resblocks), "tasks": tasks, "batch": batch,
@@ -222,6 +228,7 @@ def bench(args) -> dict:
                         "fwd_bwd_peak_mib": None if fwd_bwd_t[1] is None else round(fwd_bwd_t[1], 1),
                         "weights_mib": round(weights_mb, 1),
                         "task_vectors_mib": 0.0 if strategy == "base" else round(bank.storage_bytes() / 2**20, 1),
+                        "workspace_mib": round(workspace, 1),
                     }
                     rows.append(row)
                     if not args.quiet:
@@ -232,14 +239,14 @@ def bench(args) -> dict:
 
 # ---------------------------------------------------------------- reporting
 HEADER = (f"{'model':9s} {'L':>2s} {'T':>3s} {'M':>3s} {'strategy':14s} {'fwd s':>8s} {'×base':>6s} "
-          f"{'fwd+bwd s':>9s} {'×base':>6s} {'peak MiB':>9s} {'TV MiB':>8s}")
+          f"{'fwd+bwd s':>9s} {'×base':>6s} {'peak MiB':>9s} {'work MiB':>8s} {'TV MiB':>8s}")
 
 
 def format_row(r: dict) -> str:
     peak = "-" if r["fwd_bwd_peak_mib"] is None else f"{r['fwd_bwd_peak_mib']:.0f}"
     return (f"{r['model']:9s} {r['layers']:2d} {r['tasks']:3d} {r['batch']:3d} {r['strategy']:14s} "
             f"{r['fwd_s']:8.3f} {r['fwd_ratio']:6.2f} {r['fwd_bwd_s']:9.3f} {r['fwd_bwd_ratio']:6.2f} "
-            f"{peak:>9s} {r['task_vectors_mib']:8.0f}")
+            f"{peak:>9s} {r['workspace_mib']:8.0f} {r['task_vectors_mib']:8.0f}")
 
 
 def targets(rows: list[dict]) -> dict:
@@ -265,9 +272,9 @@ def targets(rows: list[dict]) -> dict:
         growth = round(low16["fwd_bwd_s"] / low2["fwd_bwd_s"], 3)
         out["lowrank_T16_over_T2_fwd_bwd_le_1.5"] = [growth, growth <= 1.5]
     if mat and base and mat["fwd_bwd_peak_mib"] is not None:
-        # absolute peaks: weights (+ task vectors) + growth; base: weights + its growth
+        # absolute peaks: weights + task vectors + workspace + growth; base: weights + its growth
         limit = 1.25 * (base["weights_mib"] + base["fwd_bwd_peak_mib"] + mat["task_vectors_mib"])
-        used = mat["weights_mib"] + mat["task_vectors_mib"] + mat["fwd_bwd_peak_mib"]
+        used = mat["weights_mib"] + mat["task_vectors_mib"] + mat["workspace_mib"] + mat["fwd_bwd_peak_mib"]
         out["materialize_peak_le_base_peak_plus_tv_plus_25pct"] = [round(used / limit * 1.25, 3), used <= limit]
     return out
 
@@ -278,7 +285,7 @@ def environment(args) -> dict:
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
     return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "repeats": args.repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
+            "repeats": args.repeats, "tiny_repeats": args.tiny_repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
 
 
 def main(args):
@@ -313,7 +320,8 @@ if __name__ == "__main__":
     parser.add_argument("--rank", type=int, default=16, help="rank of the low-rank task vectors")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="task-vector storage dtype")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--tiny-repeats", type=int, default=20, help="timed runs of the tiny model (milliseconds each)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows, the environment and the target checks here")
