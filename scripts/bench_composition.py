@@ -150,7 +150,7 @@ def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMem
     return min(times), memory.stop()
 
 
-def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int):
+def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int, naive_backward: str = "per-sample"):
     """``(forward, forward+backward, composer)`` of one strategy (``composer`` is ``None`` for the base)."""
     m = images.shape[0]
     if strategy == "base":
@@ -186,7 +186,13 @@ def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int):
 
     def fwd_bwd():
         c = lam.detach().requires_grad_(True)
-        run(c).sum().backward()
+        if strategy.startswith("naive") and naive_backward == "per-sample":
+            # compose, forward and backward one sample at a time (gradients accumulate in c.grad):
+            # a batched backward would keep every sample's composed tower alive at once
+            for i in range(m):
+                composer.shared(images[i : i + 1], c[i]).sum().backward()
+        else:
+            run(c).sum().backward()
     return fwd, fwd_bwd, composer
 
 
@@ -208,7 +214,7 @@ def bench(args) -> dict:
                 for strategy in ["base", *[s for s in args.strategies if s != "base"]]:
                     # the naive loops run M small passes: long enough that a warm-up run changes nothing
                     warmup = 0 if strategy.startswith("naive") else args.warmup
-                    f, fb, composer = passes(strategy, visual, dense, low, images, tasks)
+                    f, fb, composer = passes(strategy, visual, dense, low, images, tasks, args.naive_backward)
                     repeats = args.tiny_repeats if model == "tiny" else args.repeats
                     fwd_t = measure(f, device, repeats, warmup, memory)
                     fwd_bwd_t = measure(fb, device, repeats, warmup, memory)
@@ -285,7 +291,7 @@ def environment(args) -> dict:
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
     return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": device, "torch": torch.__version__,
             "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "repeats": args.repeats, "tiny_repeats": args.tiny_repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
+            "naive_backward": args.naive_backward, "repeats": args.repeats, "tiny_repeats": args.tiny_repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
 
 
 def main(args):
@@ -322,6 +328,9 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--tiny-repeats", type=int, default=20, help="timed runs of the tiny model (milliseconds each)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    parser.add_argument("--naive-backward", default="per-sample", choices=["per-sample", "batched"],
+                        help="naive loop's backward: one sample at a time (memory of one tower), or one backward "
+                             "over all M per-sample graphs (memory of M towers)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows, the environment and the target checks here")
