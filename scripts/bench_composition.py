@@ -255,6 +255,18 @@ def format_row(r: dict) -> str:
             f"{peak:>9s} {r['workspace_mib']:8.0f} {r['task_vectors_mib']:8.0f}")
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table (for docs/benchmarks.md)."""
+    lines = ["| model | blocks | T | batch | strategy | fwd s | × base | fwd+bwd s | × base | peak growth MiB | workspace MiB | task vectors MiB |",
+             "|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        peak = "–" if r["fwd_bwd_peak_mib"] is None else f"{r['fwd_bwd_peak_mib']:.0f}"
+        lines.append(f"| {r['model']} | {r['layers']} | {r['tasks']} | {r['batch']} | {r['strategy']} | {r['fwd_s']:.3f} | "
+                     f"{r['fwd_ratio']:.2f} | {r['fwd_bwd_s']:.3f} | {r['fwd_bwd_ratio']:.2f} | {peak} | "
+                     f"{r['workspace_mib']:.0f} | {r['task_vectors_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def targets(rows: list[dict]) -> dict:
     """The issue's targets, where the grid has their cells (ViT-B/32 geometry, T = 8, batch 32)."""
     def get(strategy, tasks=8, batch=32):
@@ -302,9 +314,15 @@ def main(args):
         raise ConfigError(f"--device {args.device} but CUDA is not available here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_json:  # re-render a saved run
+        result = json.loads(Path(args.from_json).read_text())
+        print(markdown(result["rows"]))
+        return
     if not args.quiet:
         print(HEADER, flush=True)
     result = bench(args)
+    if args.markdown:
+        print(markdown(result["rows"]))
     for name, (value, ok) in result["targets"].items():
         print(f"target {name}: {value} {'met' if ok else 'NOT met'}")
     if args.json:
@@ -334,5 +352,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="write the rows, the environment and the target checks here")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+    parser.add_argument("--from-json", default=None, help="print the Markdown table of a saved --json run and exit")
     parser.add_argument("--quiet", action="store_true")
     run_main(main, parser)
