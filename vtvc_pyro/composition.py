@@ -256,21 +256,27 @@ class Composer(torch.nn.Module):
             if name not in self.matrices:  # vectors, norms, embeddings: [M, *shape] is cheap
                 params[name] = self._compose_block(name, base[name], self.block_coefficients(lam, name))
 
-        def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+        def linear(name: str, x: torch.Tensor, bias: str | None = None) -> torch.Tensor:
             w0 = _linear_view(name, base[name], 0)
             how = self.choose(name, x.shape[1], strategy)
-            if how == "base":
-                return F.linear(x, w0)
-            c = self.block_coefficients(lam, name).to(torch.float32)  # [M, T]
             if how == "lowrank":
                 vcat, ucat, r = self._lowrank_layout(name)
-                return _lowrank_linear(x, c, w0, vcat, ucat, r)
+                c = self.block_coefficients(lam, name).to(torch.float32)  # [M, T]
+                if bias is not None and bias in self.group_of_block:  # Σ_t λ_t Δb_t rides in the low-rank product
+                    cb = self.block_coefficients(lam, bias).to(torch.float32)
+                    return _lowrank_linear(x, c, w0, vcat, ucat, r, base[bias], cb, self.bank.block_delta(bias))
+                return _lowrank_linear(x, c, w0, vcat, ucat, r, None if bias is None else base[bias])
+            b = None if bias is None else params[bias]  # [out] or per sample [M, out]
+            if how == "base":
+                return _add_bias(F.linear(x, w0), b) if b is not None and b.dim() > 1 else F.linear(x, w0, b)
+            c = self.block_coefficients(lam, name).to(torch.float32)  # [M, T]
             delta = _linear_view(name, self.bank.block_delta(name), 1)
             if how == "linear":
-                return _LinearityLinear.apply(x, c, w0, delta, self.chunk_bytes)
+                return _add_bias(_LinearityLinear.apply(x, c, w0, delta, self.chunk_bytes), b)
             # one workspace for every layer, sized by the largest matrix, so it is allocated once
             chunk = min(x.shape[0], max(1, self.chunk_bytes // (4 * self._largest)))
-            return _MaterializedLinear.apply(x, c, w0, delta, self.workspace(chunk * self._largest, x.device))
+            ws = self.workspace(chunk * self._largest, x.device)
+            return _add_bias(_MaterializedLinear.apply(x, c, w0, delta, ws), b)
 
         return vit_forward(self.visual, params, images, linear)
 
@@ -301,20 +307,31 @@ class Composer(torch.nn.Module):
 
 # ---------------------------------------------------------------- the three per-sample strategies
 def _lowrank_linear(x: torch.Tensor, lam: torch.Tensor, w0: torch.Tensor, vcat: torch.Tensor, ucat: torch.Tensor,
-                    r: int) -> torch.Tensor:
-    """``x W0ᵀ + Σ_t λ_t (x V_tᵀ) U_tᵀ`` for all tasks at once.
+                    r: int, b0: torch.Tensor | None = None, lam_b: torch.Tensor | None = None,
+                    delta_b: torch.Tensor | None = None) -> torch.Tensor:
+    """``x W0ᵀ + b0 + Σ_t λ_t (x V_tᵀ) U_tᵀ + Σ_t λᵇ_t Δb_t`` for all tasks at once.
+
+    Two large products: the base one with its bias fused, then one that adds every task's
+    low-rank update (and the bias updates, as ``T`` extra columns) in place.
 
     Args:
         x: ``[M, L, in]``; lam: ``[M, T]``; w0: ``[out, in]``; vcat: ``[T·r, in]``; ucat: ``[out, T·r]``.
+        b0: ``[out]`` base bias or ``None``; lam_b: ``[M, T]`` coefficients of the bias block and
+            delta_b: ``[T, out]`` its task vectors (or both ``None``).
 
     Returns:
         ``[M, L, out]``. Plain autograd: the saved tensors are ``x``, the ``[M, L, T·r]`` projections
         and the small float32 factors.
     """
-    m, length, _ = x.shape
-    a = F.linear(x, vcat.to(x.dtype)) * lam.repeat_interleave(r, dim=1)[:, None, :]  # [M, L, T·r]
-    y = torch.addmm(F.linear(x, w0).reshape(m * length, -1), a.reshape(m * length, -1), ucat.to(x.dtype).t())
-    return y.reshape(m, length, -1)
+    m, length, in_f = x.shape
+    x2 = x.reshape(m * length, in_f)
+    s = (x2 @ vcat.to(x.dtype).t()).view(m, length, -1) * lam.repeat_interleave(r, dim=1)[:, None, :]  # [M, L, T·r]
+    u = ucat.to(x.dtype)
+    if delta_b is not None:
+        s = torch.cat([s, lam_b[:, None, :].expand(m, length, -1)], dim=-1)
+        u = torch.cat([u, delta_b.to(x.dtype).t()], dim=1)
+    y = x2 @ w0.t() if b0 is None else torch.addmm(b0, x2, w0.t())
+    return y.addmm_(s.reshape(m * length, -1), u.t()).view(m, length, -1)
 
 
 def _steps(m: int, per_sample: int, capacity: int) -> int:
@@ -421,17 +438,20 @@ class _LinearityLinear(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- functional ViT with batched weights
-LinearFn = Callable[[str, torch.Tensor], torch.Tensor]
+LinearFn = Callable[..., torch.Tensor]
 
 
 def _batched_linear(params: Mapping[str, torch.Tensor]) -> LinearFn:
-    """``x W_nameᵀ`` from ``params`` alone: a shared ``[*shape]`` or per-sample ``[M, *shape]`` weight."""
+    """``x W_nameᵀ + b`` from ``params`` alone: shared ``[*shape]`` or per-sample ``[M, *shape]`` tensors."""
 
-    def linear(name: str, x: torch.Tensor) -> torch.Tensor:
+    def linear(name: str, x: torch.Tensor, bias: str | None = None) -> torch.Tensor:
         w = params[name]
-        if w.dim() < (5 if name == "conv1.weight" else 3):  # shared
-            return F.linear(x, _linear_view(name, w, 0))
-        return torch.bmm(x, _linear_view(name, w, 1).transpose(1, 2))
+        b = None if bias is None else params[bias]
+        if w.dim() < (5 if name == "conv1.weight" else 3):  # shared weight
+            if b is None or b.dim() == 1:
+                return F.linear(x, _linear_view(name, w, 0), b)
+            return _add_bias(F.linear(x, _linear_view(name, w, 0)), b)
+        return _add_bias(torch.bmm(x, _linear_view(name, w, 1).transpose(1, 2)), b)
 
     return linear
 
@@ -458,10 +478,10 @@ def _layer_norm(x: torch.Tensor, ln: torch.nn.Module, prefix: str, params: Mappi
 def _attention(x: torch.Tensor, attn: torch.nn.MultiheadAttention, prefix: str, params, linear: LinearFn) -> torch.Tensor:
     m, length, width = x.shape
     heads = attn.num_heads
-    qkv = _add_bias(linear(prefix + "in_proj_weight", x), params[prefix + "in_proj_bias"])
+    qkv = linear(prefix + "in_proj_weight", x, prefix + "in_proj_bias")
     q, k, v = (t.reshape(m, length, heads, width // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(m, length, width)
-    return _add_bias(linear(prefix + "out_proj.weight", out), params[prefix + "out_proj.bias"])
+    return linear(prefix + "out_proj.weight", out, prefix + "out_proj.bias")
 
 
 def _layer_scale(x: torch.Tensor, ls: torch.nn.Module, prefix: str, params) -> torch.Tensor:
@@ -476,8 +496,8 @@ def vit_forward(visual: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
         visual: the module, read only for its structure (heads, eps, activation, pooling).
         params: ``visual``-relative name -> tensor, either the shared shape or ``[M, *shape]``.
         images: ``[M, 3, H, W]``.
-        linear: ``linear(name, x [M, L, in]) -> [M, L, out]`` applies weight matrix ``name``
-            (without its bias); default: the matrix from ``params``, shared or per sample.
+        linear: ``linear(name, x [M, L, in], bias_name=None) -> [M, L, out]`` applies weight
+            matrix ``name`` and bias ``bias_name``; default: both from ``params``, shared or per sample.
 
     Returns:
         image features ``[M, D]`` (before L2 normalisation).
@@ -497,9 +517,8 @@ def vit_forward(visual: torch.nn.Module, params: Mapping[str, torch.Tensor], ima
         pre = f"transformer.resblocks.{i}."
         h = _attention(_layer_norm(x, blk.ln_1, pre + "ln_1.", params), blk.attn, pre + "attn.", params, linear)
         x = x + _layer_scale(h, blk.ls_1, pre + "ls_1.", params)
-        h = _add_bias(linear(pre + "mlp.c_fc.weight", _layer_norm(x, blk.ln_2, pre + "ln_2.", params)),
-                      params[pre + "mlp.c_fc.bias"])
-        h = _add_bias(linear(pre + "mlp.c_proj.weight", blk.mlp.gelu(h)), params[pre + "mlp.c_proj.bias"])
+        h = linear(pre + "mlp.c_fc.weight", _layer_norm(x, blk.ln_2, pre + "ln_2.", params), pre + "mlp.c_fc.bias")
+        h = linear(pre + "mlp.c_proj.weight", blk.mlp.gelu(h), pre + "mlp.c_proj.bias")
         x = x + _layer_scale(h, blk.ls_2, pre + "ls_2.", params)
     if visual.final_ln_after_pool:
         pooled, _ = visual._global_pool(x)
