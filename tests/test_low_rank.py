@@ -75,3 +75,18 @@ def test_bad_input(tmp_path):
         load_low_rank(path, base)
     with pytest.raises(BankError, match="not in the bank"):
         truncate_bank(bank, rank=2).select(["nope"])
+
+
+def test_real_bank_truncation_is_composed_exactly(loaded_bank):
+    """The embedded bank at rank 16: about 30 % relative error, and every strategy is exact on it."""
+    from vtvc_pyro.composition import Composer
+
+    low = truncate_bank(loaded_bank.vectors.select(["digits-rotated", "digits-inverted"]), rank=16)
+    assert 0.1 < relative_error(low, loaded_bank.vectors.select(["digits-rotated", "digits-inverted"])) < 0.5
+    composer = Composer(loaded_bank.model.visual, low, "layer")
+    torch.manual_seed(0)
+    images, lam = torch.rand(3, 3, 16, 16), torch.rand(3, 2, composer.num_groups)
+    want = composer.naive_per_sample(images, lam)
+    for strategy in ("lowrank", "materialize", "linear"):
+        got = composer.per_sample(images, lam, strategy=strategy)
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
