@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from vtvc_pyro.errors import BankError, ConfigError
-from vtvc_pyro.low_rank import load_low_rank, relative_error, save_low_rank, truncate_bank
+from vtvc_pyro.low_rank import (
+    load_low_rank,
+    relative_error,
+    save_low_rank,
+    truncate_bank,
+)
 
 from .conftest import random_bank
 
