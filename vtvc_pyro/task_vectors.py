@@ -217,6 +217,18 @@ class TaskVectorBank:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    def block_delta(self, name: str) -> torch.Tensor:
+        """``[T, *shape]`` task vectors of one block, in the storage dtype."""
+        return self.deltas[name]
+
+    def block_factors(self, name: str) -> None:
+        """Dense banks have no low-rank factors (see :mod:`vtvc_pyro.low_rank`)."""
+        return None
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored task-vector tensors."""
+        return sum(t.numel() * t.element_size() for t in self.deltas.values())
+
     def select(self, tasks: Iterable[str]) -> "TaskVectorBank":
         """A bank with only ``tasks`` (e.g. every task but the target's own)."""
         tasks = list(tasks)
