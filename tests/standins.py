@@ -138,3 +138,82 @@ def write_all(root: Path) -> Path:
     for writer in WRITERS.values():
         writer(root)
     return root
+
+
+# ---------------------------------------------------------------- published checkpoint formats
+_PICKLER = r'''
+import sys, torch, open_clip
+from pathlib import Path
+from safetensors.torch import load_file
+import vtvc_pyro.backbone  # registers vtvc-tiny
+from src.modeling import ImageEncoder
+
+arch, base, folder, layout = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+tasks = sys.argv[5:]
+
+def encoder(shift_seed):
+    clip, _, val_preprocess = open_clip.create_model_and_transforms(arch)
+    clip.load_state_dict(load_file(base))
+    if shift_seed is not None:
+        g = torch.Generator().manual_seed(shift_seed)
+        with torch.no_grad():
+            for p in clip.visual.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return ImageEncoder(clip, val_preprocess)
+
+zs_name = "zeroshot.pt" if layout == "task_vectors" else "nonlinear_zeroshot.pt"
+ft_name = "finetuned.pt" if layout == "task_vectors" else "nonlinear_finetuned.pt"
+if layout == "task_vectors":
+    torch.save(encoder(None), folder / zs_name)
+for i, task in enumerate(tasks):
+    sub = folder / (task + "Val")
+    sub.mkdir(parents=True, exist_ok=True)
+    torch.save(encoder(i + 1), sub / ft_name)
+    if layout == "atlas":
+        torch.save(encoder(None), sub / zs_name)
+'''
+
+_MODELING = '''
+import torch
+
+
+class ImageEncoder(torch.nn.Module):
+    """As task_vectors' src.modeling.ImageEncoder: an open_clip CLIP without its text tower."""
+
+    def __init__(self, model, val_preprocess):
+        super().__init__()
+        self.model = model
+        self.val_preprocess = val_preprocess
+        delattr(self.model, "transformer")
+
+    def forward(self, images):
+        return self.model.encode_image(images)
+'''
+
+
+def write_published_checkpoints(folder: Path, arch: str, base_weights: Path, tasks: list[str],
+                                 layout: str = "task_vectors") -> Path:
+    """Pickled ``src.modeling.ImageEncoder`` modules (``torch.save`` of the whole module) in the
+    task_vectors layout (``zeroshot.pt``, ``<Task>Val/finetuned.pt``) or aTLAS's
+    (``<Task>Val/nonlinear_{zeroshot,finetuned}.pt``).
+
+    They are written by a separate interpreter where ``src.modeling`` exists, so the reading side
+    meets the classes of a project it does not have, as with the real files.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(tempfile.mkdtemp()) / "src"
+    src.mkdir()
+    (src / "__init__.py").write_text("")
+    (src / "modeling.py").write_text(_MODELING)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src.parent), str(root)]), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PICKLER, arch, str(base_weights), str(folder), layout, *tasks],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return folder

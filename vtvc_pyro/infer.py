@@ -21,6 +21,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_training_state, save_training_state
 from .errors import ConfigError, FitInterrupted, NumericalError
 from .guide import AmortizedGatedGuide
@@ -225,6 +226,13 @@ def fit_svi(
     pyro.set_rng_seed(cfg.seed)
     pyro.clear_param_store()
     images, features, labels = train
+    multi = distributed.active()  # torchrun: data parallel over the guide (see vtvc_pyro.distributed)
+    if multi:
+        distributed.broadcast_module(guide)
+        torch.manual_seed(cfg.seed + 7919 * distributed.rank())  # independent posterior draws per rank
+        if cfg.batch_size % distributed.world_size():
+            log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
+                        cfg.batch_size, distributed.world_size())
     elbo_cls = ELBOS[cfg.elbo]
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
                        max_plate_nesting=1)(model, guide)
@@ -250,17 +258,22 @@ def fit_svi(
             setattr(result, key, value)
         first = saved["step"] + 1
         log.info("resuming at step %d", first)
+        if multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
+            torch.manual_seed(cfg.seed + 7919 * distributed.rank() + first)
 
     def save(step: int) -> None:
+        if not distributed.is_main():
+            return
         history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_val_accuracy")}
         save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
 
     start = time.time()
-    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi", disable=not progress)
+    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi",
+               disable=not progress or not distributed.is_main())
     with _StopRequest() as stop:
         for step in bar:
             guide.train()
-            idx = sampler.next().to(images.device)
+            idx = distributed.shard(sampler.next()).to(images.device)
             opt.zero_grad(set_to_none=True)
             try:
                 loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
@@ -271,8 +284,11 @@ def fit_svi(
                     raise
                 loss = torch.tensor(float("nan"))
             finite = bool(torch.isfinite(loss))
+            if multi:  # every rank must take the same branch
+                finite = distributed.all_true(finite, features.device)
             if finite:
                 loss.backward()
+                distributed.average_gradients(params)
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)))
             if not finite:
                 if not cfg.skip_nonfinite:
@@ -286,15 +302,22 @@ def fit_svi(
                 opt.step()
             sched.step()
             elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
+            if multi:
+                elbo = distributed.mean_scalar(elbo, features.device)
             result.elbo_trace.append(elbo)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                acc = float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
+                if multi:
+                    acc = distributed.sharded_accuracy(lambda x, f: mean_probs(model, guide, x, f), *val)
+                else:
+                    acc = float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
                 result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None,
                                            "val_accuracy": acc})
                 bar.set_postfix(elbo=f"{elbo:.1f}", val_acc=f"{acc:.3f}")
                 if acc > result.best_val_accuracy:
                     result.best_val_accuracy, result.best_step = acc, step
                     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+            if multi and distributed.any_true(stop.signal is not None, features.device):
+                stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step
             if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal):
                 save(step)
             if stop.signal:

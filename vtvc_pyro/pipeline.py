@@ -20,9 +20,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import baselines
+from . import baselines, distributed
 from .bank import DEFAULT_BANK, LoadedBank, build_embedded_bank, load_bank, write_json
 from .composition import GRANULARITIES, Composer
+from .data.benchmarks import clip_preprocess
 from .data.specs import load_dataset, with_validation
 from .diagnostics import save_inference_data, to_inference_data
 from .errors import ConfigError
@@ -121,6 +122,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
         the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``).
     """
     cfg.validate()
+    out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
     device = resolve_device(cfg.device)
     prior = make_prior(cfg.prior, **cfg.prior_args)
     start = time.time()
@@ -129,7 +131,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
         build_embedded_bank(DEFAULT_BANK, progress=progress)
     full = load_bank(cfg.bank)
     data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
-    task = with_validation(load_dataset(cfg.target, data_seed), data_seed)
+    task = with_validation(load_dataset(cfg.target, data_seed, preprocess=clip_preprocess(full.model)), data_seed)
     own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
     tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
     bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
