@@ -171,8 +171,17 @@ class LoadedBank:
         return feats
 
 
-def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, dtype: str = "float32") -> LoadedBank:
-    """Read a bank folder, checking every task vector against the base model."""
+def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, dtype: str | None = "float32",
+              stream: bool = False) -> LoadedBank:
+    """Read a bank folder, checking every task vector against the base model.
+
+    Args:
+        dtype: in-memory dtype of the stacked vectors; ``None`` keeps the storage dtype recorded in
+            the manifest (``bfloat16`` for banks imported with ``--dtype bfloat16``).
+        stream: stack block by block from the memory-mapped safetensors files
+            (:func:`stack_streamed`): the peak is the stacked bank plus one block, instead of every
+            vector in float32 at once. Same result.
+    """
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -184,9 +193,62 @@ def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, d
     model = backbone.create_clip(manifest["arch"], str(path / "base.safetensors"))
     base = backbone.image_tower_params(model)
     names = tasks if tasks is not None else list(manifest["tasks"])
-    vectors = [TaskVector.load(path / manifest["tasks"][n]["file"], base=base, arch=manifest["arch"]) for n in names]
+    dtype = dtype or manifest.get("config", {}).get("dtype", "float32")
     heads = load_file(str(path / "heads.safetensors")) if (path / "heads.safetensors").is_file() else {}
+    files = [path / manifest["tasks"][n]["file"] for n in names]
+    if stream:
+        return LoadedBank(path, manifest, model, stack_streamed(files, base, manifest["arch"], dtype), heads)
+    vectors = [TaskVector.load(f, base=base, arch=manifest["arch"]) for f in files]
     return LoadedBank(path, manifest, model, TaskVectorBank.stack(vectors, base, dtype), heads)
+
+
+def stack_streamed(files: list[Path], base: dict[str, torch.Tensor], arch: str, dtype: str = "bfloat16") -> TaskVectorBank:
+    """Stack task-vector files one block at a time, straight into ``dtype``.
+
+    Each file is opened memory-mapped (``safe_open``) and checked like :meth:`TaskVector.load`
+    (format, architecture, base fingerprint, block shapes, finite values); only one block of all
+    tasks is ever materialised beside the growing stacked bank ``{block: [T, *shape]}``.
+    """
+    from contextlib import ExitStack
+
+    from .task_vectors import DTYPES, FORMAT
+
+    expected = fingerprint(base)
+    with ExitStack() as stack:
+        handles, names = [], []
+        for f in files:
+            if not Path(f).is_file():
+                raise BankError(f"task vector {f} does not exist: build or import the bank again")
+            try:
+                h = stack.enter_context(safe_open(str(f), framework="pt"))
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                raise BankError(f"task vector {f} is truncated or corrupt ({err}); rebuild or re-import it") from err
+            meta = h.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise BankError(f"{f} is not a vtvc task vector (no '{FORMAT}' metadata); re-import it")
+            if meta.get("arch") != arch:
+                raise BankError(f"task vector {f} was built for {meta.get('arch')}, not {arch}; use vectors of one architecture")
+            if meta.get("base_fingerprint") != expected:
+                raise BankError(f"task vector {f} was made from base model {meta.get('base_fingerprint')}, not this one "
+                                f"({expected}); compose vectors only onto the model they were fine-tuned from")
+            handles.append(h)
+            names.append(meta["task"])
+        deltas = {}
+        for block, value in base.items():
+            rows = []
+            for f, h in zip(files, handles):
+                if block not in h.keys():
+                    raise BankError(f"task vector {f} lacks block {block}: it comes from another architecture")
+                t = h.get_tensor(block)
+                if t.shape != value.shape:
+                    raise BankError(f"task vector {f}, block {block}: shape {tuple(t.shape)} != base {tuple(value.shape)}")
+                if not torch.isfinite(t).all():
+                    raise BankError(f"task vector {f} has NaN or Inf in block {block}; rebuild it")
+                rows.append(t.to(DTYPES[dtype]))
+            stacked = torch.stack(rows)
+            if stacked.abs().amax() > 0:
+                deltas[block] = stacked
+    return TaskVectorBank(arch, names, {k: v.float() for k, v in base.items()}, deltas, expected)
 
 
 # ---------------------------------------------------------------- importing published checkpoints

@@ -129,7 +129,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
 
     if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
-    full = load_bank(cfg.bank)
+    full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
     data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
     task = with_validation(load_dataset(cfg.target, data_seed, preprocess=clip_preprocess(full.model)), data_seed)
     own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
