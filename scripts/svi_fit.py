@@ -13,6 +13,7 @@ Usage::
 import argparse
 from pathlib import Path
 
+from vtvc_pyro import distributed
 from vtvc_pyro.cli import run_main
 from vtvc_pyro.composition import GRANULARITIES
 from vtvc_pyro.guide import GUIDES
@@ -42,6 +43,8 @@ def main(args):
     )
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if not distributed.is_main():  # under torchrun only rank 0 reports and writes
+        return
     print(format_table(metrics))
     print(f"SVI: {metrics['timing']['svi_samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
           f"total {metrics['timing']['total_seconds']} s")

@@ -6,7 +6,13 @@ from torch.utils.data import TensorDataset
 
 from vtvc_pyro import backbone
 from vtvc_pyro.data import benchmarks
-from vtvc_pyro.data.benchmarks import BENCHMARKS, StreamedImages, clip_preprocess, load_benchmark, val_split
+from vtvc_pyro.data.benchmarks import (
+    BENCHMARKS,
+    StreamedImages,
+    clip_preprocess,
+    load_benchmark,
+    val_split,
+)
 from vtvc_pyro.data.specs import load_dataset
 from vtvc_pyro.errors import DataError
 

@@ -23,32 +23,19 @@ from vtvc_pyro.pipeline import FitConfig, run_fit
 from vtvc_pyro.task_vectors import atomic_save, fingerprint
 
 from . import standins
+from .conftest import REAL_ARCH as ARCH
+from .conftest import REAL_TASKS as TASKS
 from .conftest import run_script
 
-ARCH = backbone.TINY_MODEL
-TASKS = ["DTD", "EuroSAT", "MNIST", "SVHN"]
+
+@pytest.fixture
+def world(real_world):
+    return real_world
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Stand-in data, a base CLIP saved as an open_clip state dict, published-format checkpoints."""
-    root = tmp_path_factory.mktemp("real")
-    standins.write_all(root / "data")
-    torch.manual_seed(0)
-    atomic_save(backbone.create_clip(ARCH).state_dict(), root / "base.safetensors")
-    standins.write_published_checkpoints(root / "ckpt", ARCH, root / "base.safetensors", TASKS)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bank(world):
-    out = world / "bank"
-    proc = run_script("--arch", ARCH, "--base", str(world / "base.safetensors"), "--checkpoints", str(world / "ckpt"),
-                      "--trust-pickle", "--dtype", "bfloat16", "--out", str(out), "--quiet",
-                      script="import_checkpoints.py")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "MNIST" in proc.stdout and "32 blocks" in proc.stdout
-    return out
+@pytest.fixture
+def bank(real_bank):
+    return real_bank
 
 
 def test_import_refuses_pickles_without_trust(world, tmp_path):

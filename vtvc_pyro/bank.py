@@ -237,7 +237,7 @@ def stack_streamed(files: list[Path], base: dict[str, torch.Tensor], arch: str, 
         for block, value in base.items():
             rows = []
             for f, h in zip(files, handles):
-                if block not in h.keys():
+                if block not in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                     raise BankError(f"task vector {f} lacks block {block}: it comes from another architecture")
                 t = h.get_tensor(block)
                 if t.shape != value.shape:
@@ -299,7 +299,7 @@ def discover_checkpoints(folder: str | Path) -> tuple[Path | None, dict[str, Pat
         ckpt = next((sub / n for n in CHECKPOINT_NAMES if (sub / n).is_file()), None)
         if ckpt is None:
             continue
-        name = sub.name[:-3] if sub.name.endswith("Val") else sub.name
+        name = sub.name.removesuffix("Val")
         tasks[name] = ckpt
         if zeroshot is None:
             zeroshot = next((sub / n for n in ZEROSHOT_NAMES if (sub / n).is_file()), None)

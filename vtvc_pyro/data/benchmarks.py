@@ -25,10 +25,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
@@ -148,7 +148,7 @@ def _gtsrb(root, split, transform, download):
 
 def _seeded_half(ds: Dataset, split: str, test_fraction: float) -> Dataset:
     """A fixed train/test split (seed 0) for data sets torchvision ships without one."""
-    n_test = int(round(test_fraction * len(ds)))
+    n_test = round(test_fraction * len(ds))
     train, test = random_split(ds, [len(ds) - n_test, n_test], generator=torch.Generator().manual_seed(SPLIT_SEED))
     return train if split == "train" else test
 
@@ -339,7 +339,7 @@ class StreamedImages:
     def shape(self) -> tuple[int, ...]:
         return (len(self), *self._load([0]).shape[1:]) if len(self) else (0,)
 
-    def to(self, device) -> "StreamedImages":
+    def to(self, device) -> StreamedImages:
         out = copy.copy(self)
         out.device, out._pool = torch.device(device), None
         return out
