@@ -31,6 +31,7 @@ def main(args):
     svi = SVIConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
         kl_reduction=args.kl_reduction, kl_anneal_steps=args.kl_anneal_steps, num_particles=args.num_particles,
+        accumulate=args.accumulate,
         elbo=args.elbo,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite,
         seed=args.seed,
@@ -66,6 +67,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=s.steps)
     parser.add_argument("--batch-size", type=int, default=s.batch_size)
     parser.add_argument("--num-particles", type=int, default=s.num_particles)
+    parser.add_argument("--accumulate", type=int, default=s.accumulate,
+                        help="micro-batches per SVI step (gradient accumulation: same ELBO, less memory)")
     parser.add_argument("--lr", type=float, default=s.lr)
     parser.add_argument("--kl-weight", type=float, default=s.kl_weight)
     parser.add_argument("--kl-reduction", default=s.kl_reduction, choices=["mean", "sum"],

@@ -20,8 +20,8 @@ from vtvc_pyro.priors import make_prior
 from vtvc_pyro.task_vectors import TaskVector, TaskVectorBank, atomic_save
 
 
-def main(out: Path) -> None:
-    distributed.init_from_env()
+def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
+    """The fit every process runs; returns the final (best-on-val) guide state and the histories."""
     torch.manual_seed(0)
     model = backbone.create_clip(backbone.TINY_MODEL)
     base = backbone.image_tower_params(model)
@@ -39,14 +39,19 @@ def main(out: Path) -> None:
     # process and two processes see the same loss whatever the random streams
     guide = make_guide("amortized_gated", feature_dim=64, num_tasks=3, num_groups=composer.num_groups, prior=prior,
                        slab_mean_init=1.0, gate_logit_init=20.0, slab_logvar_init=-30.0, logvar_min=-30.0)
-    cfg = SVIConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, seed=0)
-    fit = fit_svi(VTVCModel(composer, head, prior), guide, (images[:32], features[:32], labels[:32]),
+    cfg = SVIConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, seed=0, accumulate=accumulate)
+    result = fit_svi(VTVCModel(composer, head, prior), guide, (images[:32], features[:32], labels[:32]),
                   (images[32:], features[32:], labels[32:]), cfg, checkpoint_path=out / "checkpoint.safetensors",
                   progress=False)
     state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    state["elbo_trace"] = torch.tensor(fit.elbo_trace, dtype=torch.float64)
-    state["val_accuracy"] = torch.tensor([h["val_accuracy"] for h in fit.val_history], dtype=torch.float64)
-    atomic_save(state, out / f"rank{distributed.rank()}.safetensors", {"world_size": str(distributed.world_size())})
+    state["elbo_trace"] = torch.tensor(result.elbo_trace, dtype=torch.float64)
+    state["val_accuracy"] = torch.tensor([h["val_accuracy"] for h in result.val_history], dtype=torch.float64)
+    return state
+
+
+def main(out: Path) -> None:
+    distributed.init_from_env()
+    atomic_save(fit(out), out / f"rank{distributed.rank()}.safetensors", {"world_size": str(distributed.world_size())})
 
 
 if __name__ == "__main__":

@@ -76,6 +76,19 @@ def test_svi_fit_under_torchrun_writes_once_from_rank_0(real_world, real_bank, t
         assert cached.shape == expected.shape and torch.allclose(cached, expected, atol=1e-5), split
 
 
+def test_gradient_accumulation_gives_the_same_fit(tmp_path):
+    """Micro-batches of 4 and 2 images (accumulate 2, 4) give the fit of whole batches of 8."""
+    from .ddp_worker import fit
+
+    whole = fit(tmp_path / "a", accumulate=1)
+    for accumulate in (2, 4):
+        parts = fit(tmp_path / f"b{accumulate}", accumulate=accumulate)
+        for key in whole:
+            if not key.startswith("logvar_net") and key != "elbo_trace":  # as above: sampling noise
+                assert torch.allclose(parts[key].double(), whole[key].double(), atol=1e-4), (accumulate, key)
+        assert torch.allclose(parts["elbo_trace"], whole["elbo_trace"], rtol=0.01)
+
+
 def test_one_process_helpers_are_identities():
     idx = torch.arange(10)
     assert torch.equal(distributed.shard(idx), idx) and distributed.is_main() and not distributed.active()

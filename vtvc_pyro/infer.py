@@ -95,6 +95,7 @@ class SVIConfig:
     kl_reduction: str = "mean"
     kl_anneal_steps: int = 0
     num_particles: int = 1
+    accumulate: int = 1  # micro-batches per step (gradient accumulation; same ELBO, less memory)
     elbo: str = "trace"
     clip_norm: float = 1.0
     train_temperature: float = 0.1
@@ -107,7 +108,7 @@ class SVIConfig:
     def validate(self) -> None:
         if self.elbo not in ELBOS:
             raise ConfigError(f"unknown ELBO {self.elbo!r}: use one of {sorted(ELBOS)}")
-        for name in ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every", "accumulate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lr", "train_temperature", "eval_temperature"):
@@ -275,19 +276,29 @@ def fit_svi(
             guide.train()
             idx = distributed.shard(sampler.next()).to(images.device)
             opt.zero_grad(set_to_none=True)
-            try:
-                loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
-                               kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                               temperature=cfg.train_temperature)
-            except ValueError as err:  # a distribution refused NaN/Inf parameters
-                if "invalid values" not in str(err):
-                    raise
-                loss = torch.tensor(float("nan"))
-            finite = bool(torch.isfinite(loss))
+            # gradient accumulation: each micro-batch's ELBO is scaled by num_data / its size, so the
+            # mean over equal micro-batches is the whole batch's ELBO; backward per micro-batch
+            # frees its graph (the per-sample composed weights) before the next one
+            parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
+            loss, finite = None, True
+            for part in parts:
+                try:
+                    part_loss = loss_fn(images[part], features[part], labels[part], num_data=len(images),
+                                        kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                                        temperature=cfg.train_temperature) / len(parts)
+                except ValueError as err:  # a distribution refused NaN/Inf parameters
+                    if "invalid values" not in str(err):
+                        raise
+                    part_loss = torch.tensor(float("nan"))
+                finite = finite and bool(torch.isfinite(part_loss))
+                if len(parts) > 1 and finite:
+                    part_loss.backward()
+                loss = part_loss if len(parts) == 1 else part_loss.detach() + (0 if loss is None else loss)
             if multi:  # every rank must take the same branch
                 finite = distributed.all_true(finite, features.device)
             if finite:
-                loss.backward()
+                if len(parts) == 1:
+                    loss.backward()
                 distributed.average_gradients(params)
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)))
             if not finite:
