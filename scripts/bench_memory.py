@@ -53,12 +53,18 @@ def main(args):
     feats = torch.nn.functional.normalize(torch.randn(args.micro_batch, model.visual.output_dim), dim=-1)
     labels = torch.zeros(args.micro_batch, dtype=torch.long)
     start = time.time()
-    loss = loss_fn(images, feats, labels, num_data=1000, kl_weight=0.1 / (args.tasks * composer.num_groups))
+    if args.shared:  # the aTLAS-style baseline's step: one λ [T, G] for the batch, activations dominate
+        lam = torch.zeros(args.tasks, composer.num_groups, requires_grad=True)
+        logits = torch.nn.functional.normalize(composer.shared(images, lam), dim=-1) @ head.T
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+    else:
+        loss = loss_fn(images, feats, labels, num_data=1000, kl_weight=0.1 / (args.tasks * composer.num_groups))
     loss.backward()
     seconds = time.time() - start
     result = {
         "arch": args.arch, "tasks": args.tasks, "granularity": args.granularity, "storage": args.dtype,
-        "micro_batch": args.micro_batch, "image_tower_params": n_params,
+        "micro_batch": args.micro_batch, "step": "shared (aTLAS-style)" if args.shared else "per-sample (VTVC)",
+        "image_tower_params": n_params,
         "bank_gib": round(sum(v.numel() * v.element_size() for v in deltas.values()) / 2**30, 3),
         "base_tower_fp32_gib": round(n_params * 4 / 2**30, 3),
         "composed_weights_per_sample_fp32_gib": round(n_params * 4 / 2**30, 3),
@@ -78,4 +84,5 @@ if __name__ == "__main__":
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--granularity", default="block", choices=["block", "layer", "task"])
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--shared", action="store_true", help="measure the batch-shared (aTLAS-style) step instead")
     run_main(main, parser)
