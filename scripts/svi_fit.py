@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from vtvc_pyro import distributed
+from vtvc_pyro.baselines import BASELINES
 from vtvc_pyro.cli import run_main
 from vtvc_pyro.composition import GRANULARITIES
 from vtvc_pyro.guide import GUIDES
@@ -26,7 +27,11 @@ from vtvc_pyro.report import build_report
 def main(args):
     if args.list_priors:
         for name, cls in PRIORS.items():
-            print(f"{name:12s} {cls.formula}")
+            print(f"{name:22s} {cls.formula}")
+        return
+    if args.list_guides:
+        for name, settings in GUIDES.items():
+            print(f"{name:16s} {settings}")
         return
     svi = SVIConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
@@ -41,6 +46,7 @@ def main(args):
         guide=args.guide, granularity=args.granularity, tau0=args.tau0, beta=args.beta,
         learn_threshold=not args.fixed_threshold, slab_mean_init=args.slab_mean_init,
         gate_logit_init=args.gate_logit_init, eval_samples=args.eval_samples, device=args.device, svi=svi,
+        baselines=[b for b in args.baselines.split(",") if b],
     )
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
@@ -63,6 +69,9 @@ if __name__ == "__main__":
     parser.add_argument("--prior-arg", action="append", metavar="KEY=VALUE", help="prior argument, repeatable")
     parser.add_argument("--list-priors", action="store_true", help="list the priors and exit")
     parser.add_argument("--guide", default=d.guide, choices=list(GUIDES))
+    parser.add_argument("--list-guides", action="store_true", help="list the guides and exit")
+    parser.add_argument("--baselines", default=",".join(d.baselines),
+                        help=f"comma-separated baselines to run beside VTVC (default all: {','.join(BASELINES)}; '' for none)")
     parser.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES)
     parser.add_argument("--steps", type=int, default=s.steps)
     parser.add_argument("--batch-size", type=int, default=s.batch_size)

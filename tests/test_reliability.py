@@ -89,7 +89,7 @@ def test_resume_refuses_changed_settings_or_missing_checkpoint(bank_path, tmp_pa
 def test_nan_stops_the_fit_naming_the_step():
     model, guide, x, f, y = tiny_problem()
     with torch.no_grad():
-        guide.mean_net[2].bias.fill_(float("nan"))
+        guide.heads["slab_loc"][2].bias.fill_(float("nan"))
     with pytest.raises(NumericalError, match="SVI step 1"):
         fit_svi(model, guide, (x, f, y), (x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
     result = fit_svi(model, guide, (x, f, y), (x, f, y), SVIConfig(steps=3, eval_every=1, skip_nonfinite=True),

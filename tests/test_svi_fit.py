@@ -1,8 +1,13 @@
 """End to end: ``scripts/svi_fit.py`` on the real embedded bank, and its command-line errors."""
 
 import json
+
 import arviz as az
+import numpy as np
 import pytest
+
+from vtvc_pyro.guide import GUIDES
+from vtvc_pyro.priors import PRIORS
 
 from .conftest import run_script
 
@@ -72,13 +77,29 @@ def test_list_priors():
     assert proc.returncode == 0 and "spike_slab" in proc.stdout and "gaussian" in proc.stdout
 
 
-@pytest.mark.parametrize("prior", ["gaussian", "laplace"])
-def test_every_prior_fits_end_to_end(prior, bank_path, tmp_path):
-    """The default prior runs in ``short_run``; the others with the amortized guide."""
+# every prior and guide of the registries, paired so each appears at least once (the default pair runs in short_run)
+PAIRS = [("spike_slab_continuous", "global"), ("task_spike_slab", "amortized"), ("spike_slab_negative", "amortized_gated"),
+         ("gaussian", "amortized"), ("laplace", "global"), ("horseshoe", "amortized_gated")]
+
+
+def test_the_pairs_cover_both_registries():
+    assert {p for p, _ in PAIRS} | {"spike_slab"} == set(PRIORS)
+    assert {g for _, g in PAIRS} == set(GUIDES)
+
+
+@pytest.mark.parametrize("prior, guide", PAIRS)
+def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path):
     out = tmp_path / prior
-    proc = run_script("--bank", str(bank_path), "--prior", prior, "--guide", "amortized", "--steps", "5",
+    proc = run_script("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--steps", "5", "--baselines=",
                       "--eval-every", "5", "--eval-samples", "2", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     idata = az.from_netcdf(out / "posterior.nc")
-    assert idata.posterior.attrs["prior"] == prior
-    assert float(idata.posterior["gate"].min()) == 1.0  # no gate site: every component is kept
+    assert (idata.posterior.attrs["prior"], idata.posterior.attrs["guide"]) == (prior, guide)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"vtvc", "vtvc_mean"}  # --baselines= runs none
+    lam = idata.posterior["lam"]
+    assert bool(np.isfinite(lam).all())
+    if PRIORS[prior].gate_site is None:
+        assert float(idata.posterior["gate"].min()) == 1.0  # no gate site: every component is kept
+    if prior == "spike_slab_negative":
+        assert float(lam.max()) <= 0.0

@@ -11,7 +11,7 @@ from vtvc_pyro import backbone
 from vtvc_pyro.composition import Composer
 from vtvc_pyro.data import specs
 from vtvc_pyro.errors import ConfigError
-from vtvc_pyro.guide import make_guide
+from vtvc_pyro.guide import GUIDES, make_guide
 from vtvc_pyro.infer import SVIConfig, fit_svi, sample_probs
 from vtvc_pyro.model import VTVCModel
 from vtvc_pyro.priors import PRIORS, make_prior, parse_prior_args
@@ -19,34 +19,39 @@ from vtvc_pyro.priors import PRIORS, make_prior, parse_prior_args
 from .conftest import random_bank
 
 
-def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3):
+def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3, guide_name="amortized_gated"):
     model, _, _, bank = random_bank(num_tasks=num_tasks)
     composer = Composer(model.visual, bank, granularity)
     head = F.normalize(torch.randn(4, 64), dim=-1) * 10
     prior = make_prior(prior_name)
     vtvc = VTVCModel(composer, head, prior)
-    guide = make_guide("amortized_gated", feature_dim=64, num_tasks=num_tasks, num_groups=composer.num_groups, prior=prior)
+    guide = make_guide(guide_name, feature_dim=64, num_tasks=num_tasks, num_groups=composer.num_groups, prior=prior)
     images = torch.randn(5, 3, 16, 16)
     return vtvc, guide, images, backbone.image_features(model, images), torch.randint(0, 4, (5,))
 
 
+@pytest.mark.parametrize("guide_name", list(GUIDES))
 @pytest.mark.parametrize("prior_name", list(PRIORS))
-def test_model_and_guide_sites_mirror_each_other(prior_name):
-    model, guide, x, f, y = tiny_problem(prior_name)
+def test_model_and_guide_sites_mirror_each_other(prior_name, guide_name):
+    model, guide, x, f, y = tiny_problem(prior_name, guide_name=guide_name)
     g = poutine.trace(guide).get_trace(x, f, y, num_data=50)
     m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y, num_data=50)
     latent = {n for n, s in g.nodes.items() if s["type"] == "sample" and not s["is_observed"] and n != "data"}
-    assert latent == ({"gate", "slab"} if PRIORS[prior_name].has_gate else {"slab"})
+    prior = model.prior
+    assert latent == {site.name for site in prior.sites}  # the guide built exactly the declared sites
     t, b = 3, len(model.composer.bank.blocks)
-    for name in latent:
-        assert g.nodes[name]["value"].shape == m.nodes[name]["value"].shape == (5, t, b)
+    for site in prior.sites:
+        shape = (5, *site.dims(t, b))
+        assert g.nodes[site.name]["value"].shape == m.nodes[site.name]["value"].shape == shape
+        assert torch.isfinite(m.nodes[site.name]["fn"].log_prob(g.nodes[site.name]["value"])).all()
     assert m.nodes["lam"]["value"].shape == (5, t, b)
     assert m.nodes["obs"]["value"].shape == (5,)
     assert m.nodes["obs"]["scale"] == pytest.approx(10.0)  # subsampled plate: num_data / batch
 
 
-def test_vectorized_particles_broadcast():
-    model, guide, x, f, y = tiny_problem()
+@pytest.mark.parametrize("prior_name", list(PRIORS))
+def test_vectorized_particles_broadcast(prior_name):
+    model, guide, x, f, y = tiny_problem(prior_name)
     with pyro.plate("particles", 4, dim=-2):
         g = poutine.trace(guide).get_trace(x, f, y)
         m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y)
@@ -70,10 +75,54 @@ def test_gate_rule_is_hard_in_eval_and_soft_in_training():
     assert ((soft > 0) & (soft < 1)).all() and torch.equal(soft > 0.5, hard.bool())
     guide.eval()
     params = guide.posterior_params(f)
-    dropped = params["keep"] == 0
+    dropped = params["gate"]["keep"] == 0
     lam, gate = guide.sample_coefficients(f, 8)
     assert set(gate.unique().tolist()) <= {0.0, 1.0}
     assert (lam[:, dropped] == 0).all()  # a dropped component is deterministically zero
+
+
+def test_global_guide_gives_every_sample_the_same_posterior():
+    _, guide, _, f, _ = tiny_problem(guide_name="global")
+    for site, params in guide.posterior_params(f).items():
+        for name, value in params.items():
+            assert torch.equal(value, value[:1].expand_as(value)), (site, name)
+    _, amortized, _, f, _ = tiny_problem()
+    assert not torch.equal(amortized.posterior_params(f)["slab"]["loc"][0], amortized.posterior_params(f)["slab"]["loc"][1])
+
+
+def test_task_level_gate_switches_whole_tasks():
+    _, guide, _, f, _ = tiny_problem("task_spike_slab")
+    guide.eval()
+    lam, gate = guide.sample_coefficients(f, 16, temperature=0.5)
+    assert gate.shape == lam.shape == (16, 5, 3, guide.num_groups)
+    assert torch.equal(gate, gate[..., :1].expand_as(gate))  # one gate per task, shared by its blocks
+    off = gate[..., 0] == 0
+    assert off.any() and (lam[off] == 0).all()
+
+
+def test_negative_slab_only_subtracts():
+    _, guide, _, f, _ = tiny_problem("spike_slab_negative")
+    lam, gate = guide.sample_coefficients(f, 16)
+    assert (lam <= 0).all() and (lam[gate == 1] < 0).all()
+    assert (guide.mean_coefficients(f) <= 0).all()
+
+
+def test_continuous_spike_scale_follows_the_gate():
+    prior = make_prior("spike_slab_continuous", slab_scale=1.0, spike_scale=0.01)
+    gate = torch.tensor([0.0, 1.0])
+    d = prior.site_prior("slab", {"gate": gate}, gate, 0.1)
+    assert torch.allclose(d.scale, torch.tensor([0.01, 1.0]))
+    assert torch.equal(prior.combine({"gate": gate, "slab": torch.tensor([0.5, 0.5])}), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ConfigError, match="spike_scale .* smaller"):
+        make_prior("spike_slab_continuous", spike_scale=2.0)
+
+
+def test_horseshoe_combines_global_local_and_slab():
+    prior = make_prior("horseshoe", global_scale=0.5)
+    values = {"tau": torch.tensor([2.0, 3.0]), "kappa": torch.full((2, 3, 4), 0.5), "slab": torch.ones(2, 3, 4)}
+    lam = prior.combine(values)
+    assert lam.shape == (2, 3, 4) and torch.allclose(lam[0], torch.full((3, 4), 1.0)) and torch.allclose(lam[1], torch.full((3, 4), 1.5))
+    assert prior.site_prior("tau", {}, torch.zeros(1), 0.1).scale == 0.5
 
 
 def test_analytic_gate_kl_matches_torch():

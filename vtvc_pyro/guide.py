@@ -1,7 +1,9 @@
 """Amortized gated posterior q(λ_i | x_i) over composition coefficients.
 
-An inference network reads the frozen base image features ``e_i`` of a sample and outputs, per
-(task, group), the slab mean μ, the slab log-variance (clamped) and the gate logit ℓ.
+An inference network reads the frozen base image features ``e_i`` of a sample and outputs the
+parameters of every latent site the prior declares (for the default spike-and-slab: per (task,
+group) the slab mean μ, the slab log-variance (clamped) and the gate logit ℓ). The ``global``
+guide replaces the networks by learned constants: one posterior shared by all samples.
 
 Gated sampling: a component is *kept* when its importance beats a threshold that rises with its
 uncertainty,
@@ -21,12 +23,12 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from torch.distributions.utils import clamp_probs
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions.utils import clamp_probs
 
 from .errors import ConfigError
-from .priors import Prior
+from .priors import Prior, Site
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, init_std: float) -> nn.Sequential:
@@ -37,21 +39,40 @@ def _mlp(d_in: int, hidden: int, d_out: int, init_std: float) -> nn.Sequential:
     return net
 
 
+class ConstantHead(nn.Module):
+    """A head that ignores the features: one learned output shared by every sample (global guide)."""
+
+    def __init__(self, d_out: int, init_std: float):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(d_out) * init_std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``features [N, D]`` -> ``[N, d_out]`` (the same row for every sample)."""
+        return self.bias.expand(features.shape[0], -1)
+
+
 class AmortizedGatedGuide(PyroModule):
-    """Amortized spike-and-slab posterior with the uncertainty/importance gate rule.
+    """Amortized posterior over the sites a prior declares, with the uncertainty/importance gate rule.
+
+    One head per site parameter, read from the base features ``e_i`` [N, D]: binary sites get a
+    logit (relaxed-Bernoulli straight-through posterior), real sites a loc and log-variance (Normal),
+    positive sites a log-scale loc and log-variance (LogNormal).
 
     Args:
         feature_dim: ``D``, the base image feature size.
         num_tasks, num_groups: ``T`` and ``G`` (coefficient shape per sample).
-        prior: the model's prior (decides whether a ``gate`` site exists).
+        prior: the model's prior; its :attr:`~vtvc_pyro.priors.Prior.sites` decide the guide's sites.
         hidden: hidden width of each head; default ``max(D // 4, T·G)`` as in the authors' code.
         gate_rule: apply the deterministic keep rule (off: plain relaxed-Bernoulli gates).
+        amortized: heads are MLPs of the features; ``False`` gives the global guide, one posterior
+            shared by every sample (task-level VI in a per-sample model).
         tau0, beta: threshold parameters; ``learn_threshold`` makes them trainable (log-parameterised).
         sharpness: slope of the soft keep rule in training.
         init_std: std of the heads' initial weights and biases.
         slab_mean_init, gate_logit_init, slab_logvar_init: added to the initial output biases of the
-            mean, gate-logit and log-variance heads (the posterior every sample starts from).
-        logvar_min, logvar_max: clamp of the slab log-variance.
+            ``slab`` loc head (real slabs only; other sites start at their declared ``init``), of every
+            gate-logit head and of every log-variance head.
+        logvar_min, logvar_max: clamp of the log-variances.
     """
 
     def __init__(
@@ -62,6 +83,7 @@ class AmortizedGatedGuide(PyroModule):
         prior: Prior,
         hidden: int | None = None,
         gate_rule: bool = True,
+        amortized: bool = True,
         tau0: float = 0.05,
         beta: float = 1.0,
         learn_threshold: bool = True,
@@ -80,16 +102,25 @@ class AmortizedGatedGuide(PyroModule):
         self.prior = prior
         self.has_gate = prior.has_gate
         self.gate_rule = gate_rule and prior.has_gate
-        out = num_tasks * num_groups
-        hidden = hidden or max(feature_dim // 4, out)
-        self.mean_net = _mlp(feature_dim, hidden, out, init_std)
-        self.logvar_net = _mlp(feature_dim, hidden, out, init_std)
-        self.logit_net = _mlp(feature_dim, hidden, out, init_std) if self.has_gate else None
-        with torch.no_grad():  # initial posterior: the heads' output biases set its centre
-            self.mean_net[2].bias.add_(slab_mean_init)
-            self.logvar_net[2].bias.add_(slab_logvar_init)
-            if self.logit_net is not None:
-                self.logit_net[2].bias.add_(gate_logit_init)
+        self.amortized = amortized
+        hidden = hidden or max(feature_dim // 4, num_tasks * num_groups)
+
+        def head(site: Site, init: float) -> nn.Module:
+            size = max(1, math.prod(site.dims(num_tasks, num_groups)))
+            net = _mlp(feature_dim, hidden, size, init_std) if amortized else ConstantHead(size, init_std)
+            with torch.no_grad():  # the initial posterior: the output bias sets its centre
+                (net[2].bias if amortized else net.bias).add_(init)
+            return net
+
+        # continuous sites first, then gates: with the default prior this draws the initial weights in
+        # the same order as the original three-head guide (mean, log-variance, logit)
+        self.heads = nn.ModuleDict()
+        for site in (s for s in prior.sites if s.support != "binary"):
+            loc_init = slab_mean_init if (site.name == "slab" and site.support == "real") else site.init
+            self.heads[f"{site.name}_loc"] = head(site, loc_init)
+            self.heads[f"{site.name}_logvar"] = head(site, slab_logvar_init)
+        for site in (s for s in prior.sites if s.support == "binary"):
+            self.heads[f"{site.name}_logit"] = head(site, gate_logit_init)
         log_tau0 = torch.tensor(math.log(tau0))
         log_beta = torch.tensor(math.log(max(beta, 1e-8)))
         if learn_threshold:
@@ -100,22 +131,43 @@ class AmortizedGatedGuide(PyroModule):
         self.sharpness = sharpness
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
 
-    def posterior_params(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample posterior parameters, each ``[N, T, G]``.
+    def posterior_params(self, features: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-sample posterior parameters of every site, each ``[N, *site shape]``.
 
         Returns:
-            ``loc``, ``scale`` (slab), and with a gate ``logit``, ``keep`` (soft in training, hard in
-            eval) and ``gate_probs`` = sigmoid(logit) · keep.
+            site name -> parameters: ``loc`` and ``scale`` for continuous sites (log scale for
+            positive ones); for the gate ``logit``, ``keep`` (soft in training, hard in eval) and
+            ``probs`` = sigmoid(logit) · keep.
         """
-        shape = (features.shape[0], self.num_tasks, self.num_groups)
-        loc = self.mean_net(features).reshape(shape)
-        logvar = self.logvar_net(features).reshape(shape).clamp(self.logvar_min, self.logvar_max)
-        out = {"loc": loc, "scale": torch.exp(0.5 * logvar)}
+        n = features.shape[0]
+        out = {}
+        for site in self.prior.sites:
+            shape = (n, *site.dims(self.num_tasks, self.num_groups))
+            if site.support == "binary":
+                out[site.name] = {"logit": self.heads[f"{site.name}_logit"](features).reshape(shape)}
+                continue
+            loc = self.heads[f"{site.name}_loc"](features).reshape(shape)
+            logvar = self.heads[f"{site.name}_logvar"](features).reshape(shape).clamp(self.logvar_min, self.logvar_max)
+            out[site.name] = {"loc": loc, "scale": torch.exp(0.5 * logvar)}
         if self.has_gate:
-            logit = self.logit_net(features).reshape(shape)
-            keep = self.keep(loc, out["scale"]) if self.gate_rule else torch.ones_like(loc)
-            out.update(logit=logit, keep=keep, gate_probs=clamp_probs(torch.sigmoid(logit) * keep))
+            gate = out[self.prior.gate_site]
+            keep = self._gate_keep(out, gate["logit"].shape) if self.gate_rule else torch.ones_like(gate["logit"])
+            gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
         return out
+
+    def _gate_keep(self, params: dict, gate_shape: torch.Size) -> torch.Tensor:
+        """The keep rule on the value site's point estimate and spread, reduced to the gate's shape."""
+        value = params[self.prior.value_site]
+        point, spread = value["loc"], value["scale"]
+        if self._site(self.prior.value_site).support == "positive":  # LogNormal: median and its spread
+            point = point.exp()
+            spread = point * spread
+        while point.dim() > len(gate_shape):  # e.g. one gate per task: mean over its groups
+            point, spread = point.abs().mean(-1), spread.mean(-1)
+        return self.keep(point, spread)
+
+    def _site(self, name: str) -> Site:
+        return next(s for s in self.prior.sites if s.name == name)
 
     def keep(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Keep weight of each component: importance |μ| against τ0 (1 + β tanh(σ/|μ|))."""
@@ -126,29 +178,40 @@ class AmortizedGatedGuide(PyroModule):
             return torch.sigmoid(self.sharpness * (importance - threshold))
         return (importance >= threshold).to(loc.dtype)
 
+    def _posterior(self, site: Site, p: dict, temperature: float) -> dist.Distribution:
+        if site.support == "binary":
+            return dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
+        if site.support == "positive":
+            return dist.LogNormal(p["loc"], p["scale"])
+        return dist.Normal(p["loc"], p["scale"])
+
     def mean_coefficients(self, features: torch.Tensor) -> torch.Tensor:
-        """Deterministic gated mean E_q[λ] = q(gate) · μ (eval: hard keep): ``[N, T, G]``."""
-        p = self.posterior_params(features)
-        return p["loc"] * p["gate_probs"] if self.has_gate else p["loc"]
+        """Deterministic coefficients ``[N, T, G]``: gates at q(gate) (eval: hard keep), real sites at
+        their mean, positive sites at their median, combined by the prior."""
+        params = self.posterior_params(features)
+        values = {}
+        for site in self.prior.sites:
+            p = params[site.name]
+            values[site.name] = p["probs"] if site.support == "binary" else (
+                p["loc"].exp() if site.support == "positive" else p["loc"])
+        return self.prior.combine(values)
 
     def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
-        """Pyro guide; mirrors :meth:`VTVCModel.forward` site by site (``gate``, ``slab``)."""
-        p = self.posterior_params(features)
+        """Pyro guide; mirrors :meth:`VTVCModel.forward` site by site (the prior's sites, in order)."""
+        params = self.posterior_params(features)
         num_data = num_data or features.shape[0]
         with pyro.plate("data", num_data, subsample=torch.arange(features.shape[0], device=features.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
-                if self.has_gate:
-                    with pyro.poutine.mask(mask=not self.prior.analytic_kl):
-                        pyro.sample(
-                            "gate",
-                            dist.RelaxedBernoulliStraightThrough(features.new_tensor(temperature), probs=p["gate_probs"])
-                            .to_event(2),
-                        )
-                    if self.prior.analytic_kl:
+                for site in self.prior.sites:
+                    p = params[site.name]
+                    q = self._posterior(site, p, temperature).to_event(len(site.dims(self.num_tasks, self.num_groups)))
+                    analytic = site.support == "binary" and self.prior.analytic_kl
+                    with pyro.poutine.mask(mask=not analytic):
+                        pyro.sample(site.name, q)
+                    if analytic:
                         # a guide factor adds to log q, so +KL here subtracts the exact gate KL from the ELBO
-                        pyro.factor("gate_kl", self.prior.gate_kl(p["gate_probs"]), has_rsample=True)
-                pyro.sample("slab", dist.Normal(p["loc"], p["scale"]).to_event(2))
-        return p
+                        pyro.factor(f"{site.name}_kl", self.prior.gate_kl(p["probs"]), has_rsample=True)
+        return params
 
     @torch.no_grad()
     def sample_coefficients(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01):
@@ -157,18 +220,17 @@ class AmortizedGatedGuide(PyroModule):
         Returns:
             ``lam [S, N, T, G]`` and ``gate [S, N, T, G]`` (ones without a gate site).
         """
-        p = self.posterior_params(features)
-        slab = dist.Normal(p["loc"], p["scale"]).sample((num_samples,))
-        if not self.has_gate:
-            return slab, torch.ones_like(slab)
-        # rsample, not sample: only rsample quantizes the relaxed draw to exact 0/1.
-        gate = dist.RelaxedBernoulliStraightThrough(features.new_tensor(temperature), probs=p["gate_probs"]).rsample((num_samples,))
-        return gate * slab, gate
+        params = self.posterior_params(features)
+        # rsample, not sample: only rsample quantizes the relaxed gate draw to exact 0/1.
+        values = {site.name: self._posterior(site, params[site.name], temperature).rsample((num_samples,))
+                  for site in self.prior.sites}
+        return self.prior.combine(values), self.prior.inclusion(values)
 
 
 GUIDES = {
-    "amortized_gated": dict(gate_rule=True),
-    "amortized": dict(gate_rule=False),
+    "amortized_gated": dict(gate_rule=True, amortized=True),
+    "amortized": dict(gate_rule=False, amortized=True),
+    "global": dict(gate_rule=True, amortized=False),
 }
 
 

@@ -25,6 +25,7 @@ from .bank import DEFAULT_BANK, LoadedBank, build_embedded_bank, load_bank, writ
 from .composition import GRANULARITIES, Composer
 from .data.benchmarks import clip_preprocess
 from .data.specs import load_dataset, with_validation
+from .data.suite import TaskData
 from .diagnostics import save_inference_data, to_inference_data
 from .errors import ConfigError
 from .evaluate import classification_metrics
@@ -32,7 +33,7 @@ from .guide import make_guide
 from .infer import SVIConfig, fit_svi, mean_probs, resolve_device, sample_probs
 from .model import VTVCModel
 from .priors import make_prior
-from .task_vectors import atomic_save
+from .task_vectors import TaskVectorBank, atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class FitConfig:
     slab_logvar_init: float = -4.0
     hidden: int | None = None
     atlas_lr: float = 5e-2
+    baselines: list = field(default_factory=lambda: list(baselines.BASELINES))
     eval_samples: int = 20
     posterior_samples: int = 128
     device: str = "auto"
@@ -68,6 +70,9 @@ class FitConfig:
             raise ConfigError(f"unknown granularity {self.granularity!r}: use one of {GRANULARITIES}")
         if self.eval_samples <= 0 or self.posterior_samples < 0:
             raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
+        unknown = [b for b in self.baselines if b not in baselines.BASELINES]
+        if unknown:
+            raise ConfigError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(baselines.BASELINES)}")
 
 
 def environment() -> dict:
@@ -115,6 +120,61 @@ def default_out(target: str) -> Path:
     return Path("runs") / f"{target.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+@dataclass
+class Target:
+    """A target data set ready for fitting: the bank without the target's own vector, and data on device.
+
+    ``data[split]`` is ``(images [N, 3, H, W], base features [N, D], labels [N])``.
+    """
+
+    bank: LoadedBank
+    tasks: list[str]
+    task: TaskData
+    head: torch.Tensor
+    data: dict
+    own_vector: TaskVectorBank | None
+    data_seed: int
+
+
+def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+    """Load the bank and the target data; the target's own vector is held out of the composed tasks."""
+    if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
+        build_embedded_bank(DEFAULT_BANK, progress=progress)
+    full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
+    data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
+    task = with_validation(load_dataset(cfg.target, data_seed, preprocess=clip_preprocess(full.model)), data_seed)
+    own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
+    tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
+    own_tasks = [t for t in full.vectors.tasks if t in own]
+    own_vector = full.vectors.select(own_tasks[:1]).to(device) if own_tasks else None
+    bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
+    head = bank.head_for(task).to(device)
+    if head.shape[0] != len(task.class_names):
+        raise ConfigError(f"head has {head.shape[0]} classes but {cfg.target} has {len(task.class_names)}")
+    data = {}
+    for split in ("train", "val", "test"):
+        x, y = task.split(split)
+        data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
+    return Target(bank, tasks, task, head, data, own_vector, data_seed)
+
+
+def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
+    """Test probabilities ``[N_test, C]`` of each named baseline that applies, and what each learned."""
+    inputs = baselines.BaselineInputs(
+        visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
+        train=(target.data["train"][0], target.data["train"][2]), val=(target.data["val"][0], target.data["val"][2]),
+        test_images=target.data["test"][0], own_vector=target.own_vector, steps=cfg.svi.steps,
+        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.svi.seed,
+        progress=progress,
+    )
+    probs, info = {}, {}
+    for name in names:
+        p, info[name] = baselines.run_baseline(name, inputs)
+        if p is not None:
+            probs[name] = p
+    return probs, info
+
+
 def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
     """Fit VTVC and the baselines on ``cfg.target``; write config, metrics, guide and posterior to ``out``.
 
@@ -126,22 +186,8 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     device = resolve_device(cfg.device)
     prior = make_prior(cfg.prior, **cfg.prior_args)
     start = time.time()
-
-    if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
-        build_embedded_bank(DEFAULT_BANK, progress=progress)
-    full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
-    data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
-    task = with_validation(load_dataset(cfg.target, data_seed, preprocess=clip_preprocess(full.model)), data_seed)
-    own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
-    tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
-    bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
-    head = bank.head_for(task).to(device)
-    if head.shape[0] != len(task.class_names):
-        raise ConfigError(f"head has {head.shape[0]} classes but {cfg.target} has {len(task.class_names)}")
-    data = {}
-    for split in ("train", "val", "test"):
-        x, y = task.split(split)
-        data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
+    target = load_target(cfg, device, progress)
+    bank, head, data, task, tasks = target.bank, target.head, target.data, target.task, target.tasks
 
     fit_settings = json.loads(json.dumps({**asdict(cfg), "svi": asdict(cfg.svi)}))  # JSON-normalised
     out = prepare_output(Path(out), fit_settings, overwrite, resume)  # after every input is known to be usable
@@ -150,30 +196,15 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
             "fit": fit_settings,
             "prior_settings": prior.settings(),
             "tasks": tasks,
-            "bank_fingerprint": full.manifest["base_fingerprint"],
-            "data_seed": data_seed,
+            "bank_fingerprint": bank.manifest["base_fingerprint"],
+            "data_seed": target.data_seed,
             "environment": environment(),
         })
 
-    visual = bank.model.visual
-    methods, extra = {}, {}
     test_x, test_f, test_y = data["test"]
-    val_xy = (data["val"][0], data["val"][2])
+    methods, extra = run_baselines(cfg, target, cfg.baselines, progress)
 
-    per_task = Composer(visual, bank.vectors, "task")
-    methods["zeroshot"] = baselines.predict_shared(per_task, head, test_x, baselines.zero_coefficients(per_task, device))
-    lam_ta, extra["task_arithmetic"] = baselines.task_arithmetic(per_task, head, val_xy)
-    methods["task_arithmetic"] = baselines.predict_shared(per_task, head, test_x, lam_ta)
-
-    per_block = Composer(visual, bank.vectors, "block")
-    lam_atlas, extra["atlas"] = baselines.learn_shared_coefficients(
-        per_block, head, (data["train"][0], data["train"][2]), val_xy, steps=cfg.svi.steps,
-        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.svi.seed,
-        progress=progress,
-    )
-    methods["atlas"] = baselines.predict_shared(per_block, head, test_x, lam_atlas)
-
-    composer = per_block if cfg.granularity == "block" else Composer(visual, bank.vectors, cfg.granularity)
+    composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
     pyro.set_rng_seed(cfg.svi.seed)  # the guide's initial weights depend on the seed alone
     model = VTVCModel(composer, head, prior).to(device)
     guide = make_guide(
@@ -181,6 +212,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
         prior=prior, hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta, learn_threshold=cfg.learn_threshold,
         slab_mean_init=cfg.slab_mean_init, gate_logit_init=cfg.gate_logit_init, slab_logvar_init=cfg.slab_logvar_init,
     ).to(device)
+    svi_start = time.time()
     fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "checkpoint.safetensors",
                   resume=resume, progress=progress)
     atomic_save(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
@@ -188,6 +220,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
                                           generator_seed=cfg.svi.seed)
     methods["vtvc"] = probs_s.mean(0)
     methods["vtvc_mean"] = mean_probs(model, guide, test_x, test_f)
+    vtvc_seconds = time.time() - svi_start
 
     metrics = {
         "target": cfg.target,
@@ -201,7 +234,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     }
     write_json(out / "metrics.json", metrics)  # no timings here: same seed and device, same file
     timing = {"svi_seconds": round(fit.seconds, 2), "svi_samples_per_second": round(fit.samples_per_second, 1),
-              "total_seconds": round(time.time() - start, 2)}
+              "vtvc_seconds": round(vtvc_seconds, 2), "total_seconds": round(time.time() - start, 2)}
     write_json(out / "timing.json", timing)
     metrics["timing"] = timing
     atomic_save({**{name: p.float() for name, p in methods.items()}, "labels": test_y}, out / "predictions.safetensors")

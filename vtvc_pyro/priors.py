@@ -1,17 +1,20 @@
 """Priors over composition coefficients λ ∈ R^{T×G}, one registry entry each.
 
-A prior declares its latent sites; the model asks it for them inside the ``data`` plate, so
-swapping a prior changes no model code. Every prior here uses the sites ``gate`` (optional) and
-``slab`` with ``λ = gate · slab`` (or ``λ = slab`` without a gate); the guide builds the
-matching sites from :attr:`Prior.has_gate`.
+A prior **declares its latent sites** (:class:`Site`: name, shape, support) and says how they
+combine into λ. The model samples the sites inside the ``data`` plate in declaration order; the
+guide builds one posterior per declared site from its support (binary: relaxed Bernoulli; real:
+Normal; positive: LogNormal). Adding a prior therefore touches this file only.
 
 Usage::
 
     prior = make_prior("spike_slab", pi=0.3)
-    lam = prior.sample(num_tasks, num_groups, like=features, temperature=0.1)  # in a model
+    lam = prior.sample(num_tasks, num_groups, like=images, temperature=0.1)  # inside a model
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -27,16 +30,72 @@ def register(cls: type["Prior"]) -> type["Prior"]:
     return cls
 
 
+@dataclass(frozen=True)
+class Site:
+    """A latent site of one sample.
+
+    Args:
+        name: Pyro site name (``gate``, ``slab``...).
+        shape: ``"tg"`` -> ``[T, G]``, ``"t"`` -> ``[T]`` (one per task), ``""`` -> a scalar.
+        support: ``"binary"``, ``"real"`` or ``"positive"``; decides the guide's family.
+        init: initial location of the guide (Normal loc; log-median for positive sites; ignored for
+            binary sites, whose start is set by the guide's ``gate_logit_init``).
+    """
+
+    name: str
+    shape: str
+    support: str
+    init: float = 0.0
+
+    def dims(self, num_tasks: int, num_groups: int) -> tuple[int, ...]:
+        return {"tg": (num_tasks, num_groups), "t": (num_tasks,), "": ()}[self.shape]
+
+
 class Prior:
-    """Base class: ``sample`` draws λ of shape ``[..., T, G]`` inside the caller's plates."""
+    """Base class. Subclasses set :attr:`sites`, :meth:`site_prior` and :meth:`combine`."""
 
     name = ""
-    has_gate = False
-    analytic_kl = False
     formula = ""
+    sites: tuple[Site, ...] = ()
+    gate_site: str | None = None  # the binary site the guide's keep rule acts on (then define gate_kl)
+    value_site: str = "slab"  # the site whose |mean| and spread drive the keep rule
+    analytic_kl = False
+
+    @property
+    def has_gate(self) -> bool:
+        return self.gate_site is not None
+
+    def site_prior(self, name: str, values: dict[str, torch.Tensor], like: torch.Tensor,
+                   temperature: float) -> dist.Distribution:
+        """Scalar (or already shaped) prior of site ``name`` given the sites sampled before it."""
+        raise NotImplementedError
+
+    def combine(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """λ ``[..., T, G]`` from the site values (each ``[..., *site shape]``)."""
+        raise NotImplementedError
+
+    def inclusion(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gate broadcast to ``[..., T, G]`` (ones without a gate), for diagnostics."""
+        slab = values[self.value_site]
+        if not self.has_gate:
+            return torch.ones_like(slab)
+        gate = values[self.gate_site]
+        return (gate[..., None] if gate.dim() < slab.dim() else gate).expand_as(slab)
 
     def sample(self, num_tasks: int, num_groups: int, like: torch.Tensor, temperature: float) -> torch.Tensor:
-        raise NotImplementedError
+        """Sample every declared site inside the caller's plates; returns λ ``[..., T, G]``."""
+        values = {}
+        for site in self.sites:
+            prior = self.site_prior(site.name, values, like, temperature)
+            dims = site.dims(num_tasks, num_groups)
+            if prior.batch_shape == torch.Size():
+                prior = prior.expand(dims)
+            # With analytic_kl a binary site's relaxed density is masked out of the ELBO and the guide
+            # adds the exact Bernoulli KL instead (see gate_kl): the Monte Carlo KL of relaxed
+            # Bernoullis at a low temperature is large and noisy enough to drown the likelihood.
+            with pyro.poutine.mask(mask=not (site.support == "binary" and self.analytic_kl)):
+                values[site.name] = pyro.sample(site.name, prior.to_event(len(dims)))
+        return pyro.deterministic("lam", self.combine(values), event_dim=2)
 
     def settings(self) -> dict:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -49,59 +108,123 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+def _probability(name: str, value: float) -> float:
+    value = float(value)
+    if not 0 < value < 1:
+        raise ConfigError(f"prior argument {name} must lie in (0, 1), got {value}")
+    return value
+
+
+def _relaxed_gate(pi: float, like: torch.Tensor, temperature: float) -> dist.Distribution:
+    """The gate density: relaxed Bernoulli at the guide's temperature, so the straight-through gate
+    values (exact 0/1 forward, relaxed backward) get a proper density."""
+    return dist.RelaxedBernoulliStraightThrough(like.new_tensor(temperature), probs=like.new_tensor(pi))
+
+
+# ---------------------------------------------------------------- spike-and-slab family
 @register
 class SpikeAndSlab(Prior):
-    """Dirac spike at zero, Gaussian slab: λ = z · s, z ~ Bernoulli(π), s ~ N(0, σ0²).
-
-    The gate density is the relaxed Bernoulli at the temperature the guide samples with, so the
-    straight-through gate values (exact 0/1 forward, relaxed backward) get a proper density.
-    """
+    """Dirac spike at zero, Gaussian slab: λ = z · s, z ~ Bernoulli(π), s ~ N(0, σ0²)."""
 
     name = "spike_slab"
-    has_gate = True
     formula = "p(λ) = (1−π) δ0 + π N(0, σ0²);  λ = gate · slab"
+    sites = (Site("gate", "tg", "binary"), Site("slab", "tg", "real"))
+    gate_site = "gate"
 
     def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, analytic_kl: float = 1.0):
-        pi = float(pi)
-        if not 0 < pi < 1:
-            raise ConfigError(f"prior argument pi must lie in (0, 1), got {pi}")
-        self.pi = pi
+        self.pi = _probability("pi", pi)
         self.slab_scale = _positive("slab_scale", slab_scale)
         self.analytic_kl = bool(analytic_kl)
 
-    def sample(self, num_tasks, num_groups, like, temperature):
-        shape = [num_tasks, num_groups]
-        # With analytic_kl the gate's relaxed densities are masked out of the ELBO and the guide adds
-        # the exact Bernoulli KL instead (see gate_kl): the Monte Carlo KL of relaxed Bernoullis at a
-        # low temperature is large and noisy enough to drown the likelihood's gradient.
-        with pyro.poutine.mask(mask=not self.analytic_kl):
-            gate = pyro.sample(
-                "gate",
-                dist.RelaxedBernoulliStraightThrough(like.new_tensor(temperature), probs=like.new_tensor(self.pi))
-                .expand(shape).to_event(2),
-            )
-        slab = pyro.sample("slab", dist.Normal(like.new_zeros(()), self.slab_scale).expand(shape).to_event(2))
-        return pyro.deterministic("lam", gate * slab, event_dim=2)
+    def site_prior(self, name, values, like, temperature):
+        if name == "gate":
+            return _relaxed_gate(self.pi, like, temperature)
+        return dist.Normal(like.new_zeros(()), self.slab_scale)
 
     def gate_kl(self, probs: torch.Tensor) -> torch.Tensor:
-        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over (task, group): ``probs [N, T, G]`` -> ``[N]``."""
+        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over a sample's gates: ``[N, *gate shape]`` -> ``[N]``."""
         pi = probs.new_tensor(self.pi)
         kl = probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
-        return kl.sum((-2, -1))
+        return kl.flatten(1).sum(-1)
+
+    def combine(self, values):
+        gate = values["gate"]
+        slab = values["slab"]
+        return (gate[..., None] if gate.dim() < slab.dim() else gate) * slab
 
 
+@register
+class TaskSpikeAndSlab(SpikeAndSlab):
+    """Task-level spike-and-slab: one gate per task, shared by all of its blocks."""
+
+    name = "task_spike_slab"
+    formula = "λ_tg = z_t · s_tg,  z_t ~ Bernoulli(π),  s_tg ~ N(0, σ0²)"
+    sites = (Site("gate", "t", "binary"), Site("slab", "tg", "real"))
+
+
+@register
+class ContinuousSpikeAndSlab(SpikeAndSlab):
+    """Continuous spike-and-slab (George & McCulloch): a narrow Gaussian spike instead of a Dirac one.
+
+    λ = s with s | z ~ N(0, σ(z)²), σ(1) = σ0 (slab), σ(0) = σ_spike (spike); the gate picks the
+    scale and the coefficient itself is never exactly zero.
+    """
+
+    name = "spike_slab_continuous"
+    formula = "p(λ) = (1−π) N(0, σ_spike²) + π N(0, σ0²);  λ = slab, its scale chosen by gate"
+
+    def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, spike_scale: float = 0.01, analytic_kl: float = 1.0):
+        super().__init__(pi, slab_scale, analytic_kl)
+        self.spike_scale = _positive("spike_scale", spike_scale)
+        if self.spike_scale >= self.slab_scale:
+            raise ConfigError(f"spike_scale ({spike_scale}) must be smaller than slab_scale ({slab_scale})")
+
+    def site_prior(self, name, values, like, temperature):
+        if name == "gate":
+            return _relaxed_gate(self.pi, like, temperature)
+        gate = values["gate"]
+        return dist.Normal(torch.zeros_like(gate), self.spike_scale + gate * (self.slab_scale - self.spike_scale))
+
+    def combine(self, values):
+        return values["slab"]
+
+
+@register
+class NegativeSpikeAndSlab(SpikeAndSlab):
+    """Spike-and-slab for task negation: the slab lives on negative coefficients.
+
+    λ = −z · s, z ~ Bernoulli(π), s ~ HalfNormal(σ0): a kept component can only subtract its task
+    vector.
+    """
+
+    name = "spike_slab_negative"
+    formula = "λ = −gate · slab,  gate ~ Bernoulli(π),  slab ~ HalfNormal(σ0)"
+    sites = (Site("gate", "tg", "binary"), Site("slab", "tg", "positive", init=math.log(0.3)))
+
+    def site_prior(self, name, values, like, temperature):
+        if name == "gate":
+            return _relaxed_gate(self.pi, like, temperature)
+        return dist.HalfNormal(like.new_tensor(self.slab_scale))
+
+    def combine(self, values):
+        return -super().combine(values)
+
+
+# ---------------------------------------------------------------- gate-less priors
 class SlabOnlyPrior(Prior):
     """A prior without a gate: λ = s with s drawn from :meth:`slab_distribution`."""
 
-    has_gate = False
+    sites = (Site("slab", "tg", "real"),)
 
     def slab_distribution(self, like: torch.Tensor) -> dist.Distribution:
         """The scalar slab density on ``like``'s device."""
         raise NotImplementedError
 
-    def sample(self, num_tasks, num_groups, like, temperature):
-        slab = pyro.sample("slab", self.slab_distribution(like).expand([num_tasks, num_groups]).to_event(2))
-        return pyro.deterministic("lam", slab, event_dim=2)
+    def site_prior(self, name, values, like, temperature):
+        return self.slab_distribution(like)
+
+    def combine(self, values):
+        return values["slab"]
 
 
 @register
@@ -132,6 +255,34 @@ class Laplace(SlabOnlyPrior):
         return dist.Laplace(like.new_zeros(()), self.scale)
 
 
+@register
+class Horseshoe(Prior):
+    """Horseshoe (Carvalho, Polson & Scott), non-centred: λ_tg = τ · κ_tg · s_tg.
+
+    τ ~ HalfCauchy(τ_scale) is the sample's global scale (shared by its T·G coefficients),
+    κ_tg ~ HalfCauchy(1) the local scales and s_tg ~ N(0, 1). The non-centred form keeps the
+    mean-field guide usable (a centred horseshoe posterior is a funnel).
+    """
+
+    name = "horseshoe"
+    formula = "λ_tg = τ κ_tg s_tg,  τ ~ C⁺(0, τ_scale),  κ_tg ~ C⁺(0, 1),  s_tg ~ N(0, 1)"
+    sites = (Site("tau", "", "positive"), Site("kappa", "tg", "positive"), Site("slab", "tg", "real"))
+
+    def __init__(self, global_scale: float = 1.0):
+        self.global_scale = _positive("global_scale", global_scale)
+
+    def site_prior(self, name, values, like, temperature):
+        if name == "tau":
+            return dist.HalfCauchy(like.new_tensor(self.global_scale))
+        if name == "kappa":
+            return dist.HalfCauchy(like.new_tensor(1.0))
+        return dist.Normal(like.new_zeros(()), 1.0)
+
+    def combine(self, values):
+        return values["tau"][..., None, None] * values["kappa"] * values["slab"]
+
+
+# ---------------------------------------------------------------- registry helpers
 def make_prior(name: str, **kwargs) -> Prior:
     """Build a registered prior by name; unknown names and arguments give a clear error."""
     if name not in PRIORS:

@@ -26,7 +26,7 @@ from .evaluate import accuracy_coverage, mutual_information, predictive_entropy 
 
 log = logging.getLogger(__name__)
 
-BASELINE_ORDER = ("zeroshot", "task_arithmetic", "atlas", "vtvc_mean", "vtvc")
+BASELINE_ORDER = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "vtvc_mean", "vtvc")  # plotted methods
 
 
 def load_run(run_dir: str | Path):

@@ -1,0 +1,71 @@
+"""Baselines as pure functions, on hand-built vectors and on the real embedded bank."""
+
+import json
+
+import pytest
+import torch
+
+from vtvc_pyro import baselines
+from vtvc_pyro.composition import Composer
+from vtvc_pyro.errors import ConfigError
+from vtvc_pyro.evaluate import classification_metrics
+from vtvc_pyro.infer import SVIConfig
+from vtvc_pyro.pipeline import FitConfig, load_target, run_baselines
+from vtvc_pyro.task_vectors import TaskVectorBank
+
+from .conftest import random_bank
+
+
+def test_ties_trims_elects_and_merges_disjointly():
+    deltas = {"w": torch.tensor([[4.0, -1.0, 0.5, 2.0],
+                                 [3.0, 2.0, -0.1, -5.0],
+                                 [-1.0, 3.0, 0.2, 1.0]])}
+    bank = TaskVectorBank("x", ["a", "b", "c"], {"w": torch.zeros(4)}, deltas)
+    merged = baselines.ties_merge(bank, density=0.5)["w"]
+    # trimmed (top 2 per task): a [4, 0, 0, 2], b [3, 0, 0, -5], c [0, 3, 0, 1]
+    # elected signs: [+, +, 0, - (2 - 5 + 1 < 0)]; disjoint means: [3.5, 3, 0, -5]
+    assert torch.allclose(merged, torch.tensor([3.5, 3.0, 0.0, -5.0]))
+    with pytest.raises(ConfigError, match="density"):
+        baselines.ties_merge(bank, density=0)
+
+
+def test_averaging_is_one_over_t():
+    model, _, _, bank = random_bank(num_tasks=4)
+    lam = baselines.average_coefficients(Composer(model.visual, bank, "task"), "cpu")
+    assert torch.equal(lam, torch.full((4, 1), 0.25))
+
+
+def test_adamerging_lowers_entropy_and_stays_in_unit_interval():
+    model, _, _, bank = random_bank(num_tasks=3, scale=0.2)
+    composer = Composer(model.visual, bank, "layer")
+    torch.manual_seed(0)
+    head = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1) * 30
+    x = torch.randn(64, 3, 16, 16)
+    lam, info = baselines.adamerging(composer, head, x, steps=100, batch_size=32, lr=0.05)
+    assert lam.shape == (3, composer.num_groups) and lam.min() >= 0 and lam.max() <= 1
+    entropy = info["history"]
+    assert entropy[-1]["entropy"] < entropy[0]["entropy"]
+
+
+def test_own_finetuned_reference_matches_the_bank_manifest(bank_path):
+    """Target digits-rotated is a source task: its own vector is held out of the pool and is the upper reference."""
+    cfg = FitConfig(target="digits-rotated", bank=str(bank_path), svi=SVIConfig(steps=5))
+    target = load_target(cfg, torch.device("cpu"))
+    assert "digits-rotated" not in target.tasks and target.own_vector.tasks == ["digits-rotated"]
+    probs, info = run_baselines(cfg, target, ["finetuned", "zeroshot", "averaging", "ties"])
+    manifest = json.loads((bank_path / "manifest.json").read_text())["tasks"]["digits-rotated"]
+    labels = target.data["test"][2]
+    assert classification_metrics(probs["finetuned"], labels)["accuracy"] == pytest.approx(manifest["finetuned_accuracy"], abs=1e-6)
+    assert classification_metrics(probs["zeroshot"], labels)["accuracy"] == pytest.approx(manifest["zeroshot_accuracy"], abs=1e-6)
+    assert 0 <= info["ties"]["lambda"] <= 2
+
+
+def test_finetuned_is_skipped_without_an_own_vector(bank_path):
+    cfg = FitConfig(target="mixed", bank=str(bank_path))
+    probs, info = run_baselines(cfg, load_target(cfg, torch.device("cpu")), ["finetuned"])
+    assert probs == {} and "no fine-tuned vector" in info["finetuned"]["skipped"]
+
+
+def test_unknown_baseline_is_refused():
+    with pytest.raises(ConfigError, match="unknown baseline 'soup'"):
+        FitConfig(baselines=["soup"]).validate()
