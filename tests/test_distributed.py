@@ -43,14 +43,14 @@ def test_two_processes_equal_one(tmp_path):
     # ... and equal the one-process fit up to summation order. The log-variance network is left
     # out: at σ = e^-15 its gradient is the reparameterisation noise (s − μ is below float32
     # resolution of μ = 1), which depends on the random stream and so on the process count.
-    compared = [k for k in single if not k.startswith("logvar_net") and k != "elbo_trace"]
+    compared = [k for k in single if "logvar" not in k and k != "elbo_trace"]
     for key in compared:
         assert torch.allclose(r0[key].double(), single[key].double(), atol=1e-4), key
     assert r0["val_accuracy"].tolist() == single["val_accuracy"].tolist()
     # the ELBO values carry log q(s) of those draws: equal to well under 1 %
     assert torch.allclose(r0["elbo_trace"], single["elbo_trace"], rtol=0.01)
     start = load_file(str(two / "checkpoint.safetensors"))  # rank 0 checkpointed the same best guide
-    assert torch.equal(start["best/mean_net.2.weight"], r0["mean_net.2.weight"])
+    assert all(torch.equal(start[f"best/{k}"], r0[k]) for k in compared if k != "val_accuracy")
 
 
 def test_svi_fit_under_torchrun_writes_once_from_rank_0(real_world, real_bank, tmp_path):
@@ -84,7 +84,7 @@ def test_gradient_accumulation_gives_the_same_fit(tmp_path):
     for accumulate in (2, 4):
         parts = fit(tmp_path / f"b{accumulate}", accumulate=accumulate)
         for key in whole:
-            if not key.startswith("logvar_net") and key != "elbo_trace":  # as above: sampling noise
+            if "logvar" not in key and key != "elbo_trace":  # as above: sampling noise
                 assert torch.allclose(parts[key].double(), whole[key].double(), atol=1e-4), (accumulate, key)
         assert torch.allclose(parts["elbo_trace"], whole["elbo_trace"], rtol=0.01)
 
