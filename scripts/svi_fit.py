@@ -13,6 +13,7 @@ Usage::
 import argparse
 from pathlib import Path
 
+from vtvc_pyro import distributed
 from vtvc_pyro.baselines import BASELINES
 from vtvc_pyro.cli import run_main
 from vtvc_pyro.composition import GRANULARITIES
@@ -35,6 +36,7 @@ def main(args):
     svi = SVIConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
         kl_reduction=args.kl_reduction, kl_anneal_steps=args.kl_anneal_steps, num_particles=args.num_particles,
+        accumulate=args.accumulate,
         elbo=args.elbo,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, skip_nonfinite=args.skip_nonfinite,
         seed=args.seed,
@@ -48,6 +50,8 @@ def main(args):
     )
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    if not distributed.is_main():  # under torchrun only rank 0 reports and writes
+        return
     print(format_table(metrics))
     print(f"SVI: {metrics['timing']['svi_samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
           f"total {metrics['timing']['total_seconds']} s")
@@ -72,6 +76,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=s.steps)
     parser.add_argument("--batch-size", type=int, default=s.batch_size)
     parser.add_argument("--num-particles", type=int, default=s.num_particles)
+    parser.add_argument("--accumulate", type=int, default=s.accumulate,
+                        help="micro-batches per SVI step (gradient accumulation: same ELBO, less memory)")
     parser.add_argument("--lr", type=float, default=s.lr)
     parser.add_argument("--kl-weight", type=float, default=s.kl_weight)
     parser.add_argument("--kl-reduction", default=s.kl_reduction, choices=["mean", "sum"],

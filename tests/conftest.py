@@ -58,3 +58,36 @@ def short_run(bank_path, tmp_path_factory):
                       "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
+
+
+# ---------------------------------------------------------------- real-scale path on stand-ins (issue 8)
+REAL_ARCH = backbone.TINY_MODEL
+REAL_TASKS = ["DTD", "EuroSAT", "MNIST", "SVHN"]
+
+
+@pytest.fixture(scope="session")
+def real_world(tmp_path_factory):
+    """Stand-in benchmark folders, a base CLIP saved as an open_clip state dict, and fine-tuned
+    checkpoints as task_vectors publishes them (pickled ImageEncoder modules)."""
+    from vtvc_pyro.task_vectors import atomic_save
+
+    from . import standins
+
+    root = tmp_path_factory.mktemp("real")
+    standins.write_all(root / "data")
+    torch.manual_seed(0)
+    atomic_save(backbone.create_clip(REAL_ARCH).state_dict(), root / "base.safetensors")
+    standins.write_published_checkpoints(root / "ckpt", REAL_ARCH, root / "base.safetensors", REAL_TASKS)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_bank(real_world):
+    """Those checkpoints imported by scripts/import_checkpoints.py (bf16 storage)."""
+    out = real_world / "bank"
+    proc = run_script("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
+                      str(real_world / "ckpt"), "--trust-pickle", "--dtype", "bfloat16", "--out", str(out), "--quiet",
+                      script="import_checkpoints.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MNIST" in proc.stdout and "32 blocks" in proc.stdout
+    return out

@@ -21,6 +21,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import load_training_state, save_training_state
 from .errors import ConfigError, FitInterrupted, NumericalError
 from .guide import AmortizedGatedGuide
@@ -94,6 +95,7 @@ class SVIConfig:
     kl_reduction: str = "mean"
     kl_anneal_steps: int = 0
     num_particles: int = 1
+    accumulate: int = 1  # micro-batches per step (gradient accumulation; same ELBO, less memory)
     elbo: str = "trace"
     clip_norm: float = 1.0
     train_temperature: float = 0.1
@@ -106,7 +108,7 @@ class SVIConfig:
     def validate(self) -> None:
         if self.elbo not in ELBOS:
             raise ConfigError(f"unknown ELBO {self.elbo!r}: use one of {sorted(ELBOS)}")
-        for name in ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every", "accumulate"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lr", "train_temperature", "eval_temperature"):
@@ -233,6 +235,13 @@ def fit_svi(
     pyro.set_rng_seed(cfg.seed)
     pyro.clear_param_store()
     images, features, labels = train
+    multi = distributed.active()  # torchrun: data parallel over the guide (see vtvc_pyro.distributed)
+    if multi:
+        distributed.broadcast_module(guide)
+        torch.manual_seed(cfg.seed + 7919 * distributed.rank())  # independent posterior draws per rank
+        if cfg.batch_size % distributed.world_size():
+            log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
+                        cfg.batch_size, distributed.world_size())
     elbo_cls = ELBOS[cfg.elbo]
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
                        max_plate_nesting=1)(model, guide)
@@ -258,29 +267,47 @@ def fit_svi(
             setattr(result, key, value)
         first = saved["step"] + 1
         log.info("resuming at step %d", first)
+        if multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
+            torch.manual_seed(cfg.seed + 7919 * distributed.rank() + first)
 
     def save(step: int) -> None:
+        if not distributed.is_main():
+            return
         history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_val_accuracy")}
         save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
 
     start = time.time()
-    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi", disable=not progress)
+    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi",
+               disable=not progress or not distributed.is_main())
     with _StopRequest() as stop:
         for step in bar:
             guide.train()
-            idx = sampler.next().to(images.device)
+            idx = distributed.shard(sampler.next()).to(images.device)
             opt.zero_grad(set_to_none=True)
-            try:
-                loss = loss_fn(images[idx], features[idx], labels[idx], num_data=len(images),
-                               kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                               temperature=cfg.train_temperature)
-            except ValueError as err:  # a distribution refused NaN/Inf parameters
-                if "invalid values" not in str(err):
-                    raise
-                loss = torch.tensor(float("nan"))
-            finite = bool(torch.isfinite(loss))
+            # gradient accumulation: each micro-batch's ELBO is scaled by num_data / its size, so the
+            # mean over equal micro-batches is the whole batch's ELBO; backward per micro-batch
+            # frees its graph (the per-sample composed weights) before the next one
+            parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
+            loss, finite = None, True
+            for part in parts:
+                try:
+                    part_loss = loss_fn(images[part], features[part], labels[part], num_data=len(images),
+                                        kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                                        temperature=cfg.train_temperature) / len(parts)
+                except ValueError as err:  # a distribution refused NaN/Inf parameters
+                    if "invalid values" not in str(err):
+                        raise
+                    part_loss = torch.tensor(float("nan"))
+                finite = finite and bool(torch.isfinite(part_loss))
+                if len(parts) > 1 and finite:
+                    part_loss.backward()
+                loss = part_loss if len(parts) == 1 else part_loss.detach() + (0 if loss is None else loss)
+            if multi:  # every rank must take the same branch
+                finite = distributed.all_true(finite, features.device)
             if finite:
-                loss.backward()
+                if len(parts) == 1:
+                    loss.backward()
+                distributed.average_gradients(params)
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)))
             if not finite:
                 if not cfg.skip_nonfinite:
@@ -294,15 +321,24 @@ def fit_svi(
                 opt.step()
             sched.step()
             elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
+            if multi:
+                elbo = distributed.mean_scalar(elbo, features.device)
             result.elbo_trace.append(elbo)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                acc = val_accuracy(model, guide, val) if score is None else float(score(model, guide, val))
+                if score is not None:
+                    acc = float(score(model, guide, val))
+                elif multi:
+                    acc = distributed.sharded_accuracy(lambda x, f: mean_probs(model, guide, x, f), *val)
+                else:
+                    acc = val_accuracy(model, guide, val)
                 result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None,
                                            "val_accuracy": acc})
                 bar.set_postfix(elbo=f"{elbo:.1f}", val_acc=f"{acc:.3f}")
                 if acc > result.best_val_accuracy:
                     result.best_val_accuracy, result.best_step = acc, step
                     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+            if multi and distributed.any_true(stop.signal is not None, features.device):
+                stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step
             if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal):
                 save(step)
             if stop.signal:

@@ -20,9 +20,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import baselines
+from . import baselines, distributed
 from .bank import DEFAULT_BANK, LoadedBank, build_embedded_bank, load_bank, write_json
 from .composition import GRANULARITIES, Composer
+from .data.benchmarks import clip_preprocess
 from .data.specs import load_dataset, with_validation
 from .data.suite import TaskData
 from .diagnostics import save_inference_data, to_inference_data
@@ -139,9 +140,9 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
     """Load the bank and the target data; the target's own vector is held out of the composed tasks."""
     if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
-    full = load_bank(cfg.bank)
+    full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
     data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
-    task = with_validation(load_dataset(cfg.target, data_seed), data_seed)
+    task = with_validation(load_dataset(cfg.target, data_seed, preprocess=clip_preprocess(full.model)), data_seed)
     own = {cfg.target, task.name, cfg.target.removeprefix("suite:")}
     tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
     own_tasks = [t for t in full.vectors.tasks if t in own]
@@ -181,6 +182,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
         the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``).
     """
     cfg.validate()
+    out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
     device = resolve_device(cfg.device)
     prior = make_prior(cfg.prior, **cfg.prior_args)
     start = time.time()

@@ -7,6 +7,10 @@ Accepted specs:
   targets: ``rot-noise``, ``inv-tint``, ``mixed``.
 * ``imagefolder:PATH``: ``PATH/train/<class>/*.png`` and ``PATH/test/<class>/*.png`` (optional
   ``PATH/val``), read with torchvision's ``ImageFolder``.
+* ``benchmark:NAME`` or ``benchmark:NAME@ROOT``: one of the 8 task-vector benchmarks (``Cars``,
+  ``DTD``, ``EuroSAT``, ``GTSRB``, ``MNIST``, ``RESISC45``, ``SUN397``, ``SVHN``, or ``<Name>Val``)
+  under ``ROOT`` (default ``$VTVC_DATA_ROOT``), images streamed from disk
+  (:mod:`vtvc_pyro.data.benchmarks`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from .suite import TaskData
 SUITE_TASKS = (*suite.SOURCES, *suite.TARGETS)
 
 
-def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE) -> TaskData:
+def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE, preprocess=None) -> TaskData:
     """Resolve a spec string to images, labels, class names and templates.
+
+    ``preprocess`` (the model's open_clip transform) is used by ``benchmark:`` specs only.
 
     Usage::
 
@@ -39,7 +45,13 @@ def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE) -
         raise DataError(f"unknown data set spec {spec!r}: use one of {', '.join(SUITE_TASKS)} or imagefolder:PATH")
     if kind == "imagefolder":
         return _imagefolder(Path(rest), image_size)
-    raise DataError(f"unknown data set spec {spec!r}: use one of {', '.join(SUITE_TASKS)} or imagefolder:PATH")
+    if kind == "benchmark":
+        from . import benchmarks
+
+        name, root = benchmarks.parse_spec(rest)
+        return benchmarks.load_benchmark(name, root, preprocess)
+    raise DataError(f"unknown data set spec {spec!r}: use one of {', '.join(SUITE_TASKS)}, imagefolder:PATH "
+                    "or benchmark:NAME[@ROOT]")
 
 
 def _imagefolder(root: Path, image_size: int) -> TaskData:

@@ -1,0 +1,120 @@
+"""The 8 benchmarks read from stand-in folders in torchvision's exact layouts."""
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from vtvc_pyro import backbone
+from vtvc_pyro.data import benchmarks
+from vtvc_pyro.data.benchmarks import (
+    BENCHMARKS,
+    StreamedImages,
+    clip_preprocess,
+    load_benchmark,
+    val_split,
+)
+from vtvc_pyro.data.specs import load_dataset
+from vtvc_pyro.errors import DataError
+
+from . import standins
+
+# (train incl. val, test, classes) of each stand-in
+SIZES = {"Cars": (12, 6, 3), "DTD": (12, 12, 3), "EuroSAT": (27, 3, 10), "GTSRB": (43, 12, 43), "MNIST": (30, 10, 10),
+         "RESISC45": (12, 6, 3), "SUN397": (12, 6, 3), "SVHN": (30, 10, 10)}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return standins.write_all(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    return clip_preprocess(backbone.create_clip(backbone.TINY_MODEL))
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_each_benchmark_loads_from_its_layout(name, root, preprocess):
+    task = load_benchmark(name, root, preprocess)
+    n_train, n_test, n_classes = SIZES[name]
+    n_val = int(0.1 * n_train)
+    assert {k: len(v[1]) for k, v in task.splits.items()} == {"train": n_train - n_val, "val": n_val, "test": n_test}
+    assert len(task.class_names) == n_classes and task.templates == BENCHMARKS[name].templates
+    images, labels = task.split("test")
+    x = images[torch.arange(3)]
+    assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
+    # labels read from the index agree with the decoded samples
+    assert [images.dataset[i][1] for i in range(3)] == labels[:3].tolist()
+    assert torch.equal(images[1:2][0], images.dataset[1][0])
+
+
+def test_labels_and_class_names_follow_the_published_conventions(root, preprocess):
+    svhn = load_benchmark("SVHN", root, preprocess)
+    # SVHN stores digit 0 as label 10; torchvision maps it back, stand-in test labels are 0..9 in order
+    assert svhn.split("test")[1].tolist() == list(range(10)) and svhn.class_names == tuple("0123456789")
+    gtsrb = load_benchmark("GTSRB", root, preprocess)
+    assert gtsrb.split("test")[1].tolist() == [(5 * i) % 43 for i in range(12)]
+    assert gtsrb.class_names[14] == "stop"
+    assert load_benchmark("EuroSAT", root, preprocess).class_names[2] == "brushland or shrubland"
+    assert load_benchmark("SUN397", root, preprocess).class_names == ("abbey", "bakery shop", "campus")
+    assert load_benchmark("RESISC45", root, preprocess).class_names[1] == "baseball diamond"
+    assert load_benchmark("Cars", root, preprocess).class_names[0] == "Maker Model0 Sedan 2010"
+    assert len(BENCHMARKS["RESISC45"].templates) == 18 and BENCHMARKS["RESISC45"].templates[7] == "aerial imagery of a {}."
+    assert BENCHMARKS["DTD"].templates[3] == "a photo of a {} object." and len(BENCHMARKS["Cars"].templates) == 8
+    assert BENCHMARKS["MNIST"].templates == ('a photo of the number: "{}".',)
+
+
+def test_val_protocol_matches_task_vectors():
+    """10 %, at most 5,000, random_split seed 0: task_vectors asserts MNISTVal's first train index is 36044."""
+    train, val = val_split(TensorDataset(torch.arange(60_000)))
+    assert len(val) == 5000 and len(train) == 55_000 and train.indices[0] == 36044
+    train, val = val_split(TensorDataset(torch.arange(1_880)))  # DTD's train split
+    assert len(val) == 188 and set(train.indices).isdisjoint(val.indices)
+
+
+def test_name_val_variant_holds_out_validation_as_test(root, preprocess):
+    full = load_benchmark("MNIST", root, preprocess)
+    val_task = load_benchmark("MNISTVal", root, preprocess)
+    assert val_task.name == "MNISTVal" and set(val_task.splits) == {"train", "test"}
+    assert torch.equal(val_task.split("test")[1], full.split("val")[1])
+    assert torch.equal(val_task.split("train")[1], full.split("train")[1])
+
+
+def test_spec_string_reaches_the_benchmarks(root, preprocess):
+    task = load_dataset(f"benchmark:DTD@{root}", preprocess=preprocess)
+    assert task.name == "DTD" and len(task.split("train")[1]) == 11
+
+
+def test_missing_data_names_the_layout_and_downloads_nothing(tmp_path, preprocess):
+    with pytest.raises(DataError, match=r"MNIST/raw/\{train,t10k\}.*prepare_data.py --download"):
+        load_benchmark("MNIST", tmp_path, preprocess)
+    with pytest.raises(DataError, match="does not exist: create it"):
+        load_benchmark("GTSRB", tmp_path / "absent", preprocess)
+    with pytest.raises(DataError, match="cannot be downloaded automatically"):
+        load_benchmark("Cars", tmp_path, preprocess, download=True)
+    with pytest.raises(DataError, match="unknown benchmark 'ImageNet'"):
+        load_benchmark("ImageNet", tmp_path, preprocess)
+    assert list(tmp_path.iterdir()) == []  # nothing was fetched or created
+
+
+def test_incomplete_layout_is_a_data_error(tmp_path, preprocess):
+    standins.write_gtsrb(tmp_path)
+    (tmp_path / "gtsrb" / "GT-final_test.csv").unlink()
+    with pytest.raises(DataError, match="GTSRB not found or incomplete.*GT-final_test.csv"):
+        load_benchmark("GTSRB", tmp_path, preprocess)
+
+
+def test_streamed_images_behave_like_a_tensor_for_the_fit(root, preprocess):
+    images, _ = load_benchmark("EuroSAT", root, preprocess).split("train")
+    assert isinstance(images, StreamedImages) and len(images) == 25 and images.shape == (25, 3, 16, 16)
+    idx = torch.tensor([4, 0, 4])
+    batch = images[idx]
+    assert torch.equal(batch[0], batch[2]) and torch.equal(batch[1], images.dataset[0][0])
+    assert images.to("cpu")[[1, 2]].shape == (2, 3, 16, 16)
+    streamed = torch.cat([x for x, _ in images.loader(batch_size=10)])
+    assert torch.equal(streamed, images[:])
+
+
+def test_default_root_comes_from_the_environment(root, preprocess, monkeypatch):
+    monkeypatch.setenv(benchmarks.DATA_ROOT_ENV, str(root))
+    assert len(load_dataset("benchmark:svhn", preprocess=preprocess).class_names) == 10

@@ -1,0 +1,130 @@
+"""Export a composed model as an open_clip state dict that ``open_clip.create_model`` loads.
+
+A composed model is the base CLIP with its image tower replaced by θ0 + Σ_t λ_{t,g(b)} τ_{t,b}
+for one batch-shared ``λ [T, G]``: learned shared coefficients (aTLAS-style, task arithmetic), or
+the posterior mean of a fitted VTVC guide over a data set, λ̄ = mean_i E_q[λ_i]. The text tower and
+logit scale are kept, so the file is a complete CLIP usable for zero-shot classification.
+
+Usage::
+
+    export_composed("composed.safetensors", bank.model, bank.vectors, lam, "block")
+    model = open_clip.create_model("ViT-B-32-quickgelu", pretrained="composed.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .composition import Composer
+from .errors import ConfigError
+from .task_vectors import TaskVectorBank, atomic_save
+
+log = logging.getLogger(__name__)
+
+FORMAT = "vtvc-composed-open-clip/1"
+
+
+def composed_state_dict(model: torch.nn.Module, bank: TaskVectorBank, lam: torch.Tensor,
+                        granularity: str = "block") -> dict[str, torch.Tensor]:
+    """The whole CLIP state dict with ``visual.*`` composed from ``lam [T, G]`` (float32, CPU)."""
+    composer = Composer(model.visual, bank, granularity)
+    expected = (composer.num_tasks, composer.num_groups)
+    if tuple(lam.shape) != expected:
+        raise ConfigError(f"coefficients must be [T, G] = {list(expected)} for granularity {granularity!r}, "
+                          f"got {list(lam.shape)}")
+    with torch.no_grad():
+        composed = composer.composed_params(lam.to(next(model.parameters()).device))
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    for name, value in composed.items():
+        state[f"visual.{name}"] = value.detach().float().cpu()
+    return state
+
+
+def export_composed(path: str | Path, model: torch.nn.Module, bank: TaskVectorBank, lam: torch.Tensor,
+                    granularity: str = "block", metadata: dict | None = None) -> Path:
+    """Write the composed CLIP to ``path`` (``.safetensors``, atomically) with provenance metadata.
+
+    The tensor names are open_clip's own, so ``open_clip.create_model(arch, pretrained=path)`` loads
+    it (strict). Metadata: format, arch, base fingerprint, tasks, granularity and ``lam`` as JSON.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"export to a .safetensors file (open_clip reads those), not {path.name}")
+    meta = {
+        "format": FORMAT,
+        "arch": bank.arch,
+        "base_fingerprint": bank.base_fingerprint,
+        "tasks": json.dumps(list(bank.tasks)),
+        "granularity": granularity,
+        "lam": json.dumps([[round(float(v), 7) for v in row] for row in lam.detach().cpu()]),
+        **{k: str(v) for k, v in (metadata or {}).items()},
+    }
+    atomic_save(composed_state_dict(model, bank, lam, granularity), path, meta)
+    log.info("wrote composed %s model to %s", bank.arch, path)
+    return path
+
+
+@torch.no_grad()
+def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """λ̄ = mean over a data set of the gated posterior means E_q[λ_i]: ``features [N, D]`` -> ``[T, G]``."""
+    if len(features) == 0:
+        raise ConfigError("no features to average the posterior over: pass a non-empty split")
+    guide.eval()
+    total = None
+    for i in range(0, len(features), batch_size):
+        part = guide.mean_coefficients(features[i : i + batch_size]).sum(0)
+        total = part if total is None else total + part
+    return total / len(features)
+
+
+def load_guide_from_run(run_dir: str | Path, feature_dim: int, num_tasks: int, num_groups: int) -> torch.nn.Module:
+    """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``)."""
+    from .guide import make_guide
+    from .priors import make_prior
+
+    run_dir = Path(run_dir)
+    config_path, guide_path = run_dir / "config.json", run_dir / "guide.safetensors"
+    if not config_path.is_file() or not guide_path.is_file():
+        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run scripts/svi_fit.py first")
+    fit = json.loads(config_path.read_text())["fit"]
+    guide = make_guide(
+        fit["guide"], feature_dim=feature_dim, num_tasks=num_tasks, num_groups=num_groups,
+        prior=make_prior(fit["prior"], **fit.get("prior_args", {})), hidden=fit.get("hidden"), tau0=fit["tau0"],
+        beta=fit["beta"], learn_threshold=fit["learn_threshold"],
+    )
+    guide.load_state_dict(load_file(str(guide_path)))
+    return guide.eval()
+
+
+def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progress: bool = False) -> dict:
+    """Export a fitted run's posterior mean over ``split`` of its target as an open_clip state dict.
+
+    Returns:
+        ``{"path", "arch", "tasks", "lam"}``.
+    """
+    from .bank import LoadedBank, load_bank
+    from .data.benchmarks import clip_preprocess
+    from .data.specs import load_dataset, with_validation
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
+    if config is None:
+        raise ConfigError(f"{run_dir} holds no config.json: pass the folder of a finished scripts/svi_fit.py run")
+    fit, tasks = config["fit"], config["tasks"]
+    full = load_bank(fit["bank"])
+    seed = config.get("data_seed", 0)
+    task = with_validation(load_dataset(fit["target"], seed, preprocess=clip_preprocess(full.model)), seed)
+    bank = LoadedBank(full.path, full.manifest, full.model, full.vectors.select(tasks), full.heads)
+    features = bank.features(task, split, fit["target"])
+    composer = Composer(bank.model.visual, bank.vectors, fit["granularity"])
+    guide = load_guide_from_run(run_dir, features.shape[1], composer.num_tasks, composer.num_groups)
+    lam = posterior_mean_coefficients(guide, features)
+    export_composed(out, bank.model, bank.vectors, lam, fit["granularity"],
+                    {"source": f"posterior mean over {fit['target']} {split} ({len(features)} images)",
+                     "run": str(run_dir)})
+    return {"path": str(out), "arch": bank.arch, "tasks": tasks, "lam": lam}
