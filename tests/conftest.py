@@ -1,6 +1,9 @@
 """Shared fixtures. The embedded bank is built once per session (about 3 minutes) or reused."""
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 
@@ -41,6 +44,25 @@ def random_bank(num_tasks: int = 3, scale: float = 0.05, seed: int = 0, arch: st
         for t in range(num_tasks)
     ]
     return model, base, vectors, TaskVectorBank.stack(vectors, base)
+
+
+def run_inline(*args, script="svi_fit.py"):
+    """Run ``scripts/<script>`` in this interpreter, as ``python scripts/<script> ARGS`` would (same
+    argument parsing, errors and exit status) without a new interpreter's ~6 s of imports.
+
+    Returns a CompletedProcess with the exit status and the captured stdout and stderr.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, code = sys.argv, 0
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def run_script(*args, script="svi_fit.py", env_extra=None):

@@ -9,7 +9,7 @@ import pytest
 from vtvc_pyro.guide import GUIDES
 from vtvc_pyro.priors import PRIORS
 
-from .conftest import run_script
+from .conftest import run_inline, run_script
 
 
 def test_fit_writes_every_output(short_run):
@@ -54,7 +54,6 @@ def test_existing_out_is_refused_and_kept(short_run):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--device", "cuda"], "no CUDA GPU"),
         (["--prior", "nope"], "unknown prior"),
         (["--prior-arg", "pi=2"], "pi must lie in (0, 1)"),
         (["--steps", "0"], "steps must be > 0"),
@@ -66,14 +65,20 @@ def test_existing_out_is_refused_and_kept(short_run):
     ],
 )
 def test_bad_input_is_one_clear_line(args, message, tmp_path, bank_path):
-    proc = run_script("--bank", str(bank_path), "--out", str(tmp_path / "x"), *args,
-                      env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    proc = run_inline("--bank", str(bank_path), "--out", str(tmp_path / "x"), *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_bad_input_exits_2_from_a_real_process(tmp_path, bank_path):
+    proc = run_script("--bank", str(bank_path), "--out", str(tmp_path / "x"), "--device", "cuda",
+                      env_extra={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr
+    assert "no CUDA GPU" in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
 def test_list_priors():
-    proc = run_script("--list-priors")
+    proc = run_inline("--list-priors")
     assert proc.returncode == 0 and "spike_slab" in proc.stdout and "gaussian" in proc.stdout
 
 
@@ -90,7 +95,7 @@ def test_the_pairs_cover_both_registries():
 @pytest.mark.parametrize("prior, guide", PAIRS)
 def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path):
     out = tmp_path / prior
-    proc = run_script("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--steps", "5", "--baselines=",
+    proc = run_inline("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--steps", "5", "--baselines=",
                       "--eval-every", "5", "--eval-samples", "2", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     idata = az.from_netcdf(out / "posterior.nc")
