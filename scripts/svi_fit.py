@@ -46,7 +46,7 @@ def main(args):
         guide=args.guide, granularity=args.granularity, tau0=args.tau0, beta=args.beta,
         learn_threshold=not args.fixed_threshold, slab_mean_init=args.slab_mean_init,
         gate_logit_init=args.gate_logit_init, eval_samples=args.eval_samples, device=args.device, svi=svi,
-        baselines=[b for b in args.baselines.split(",") if b],
+        baselines=[b for b in args.baselines.split(",") if b], low_rank=args.low_rank,
     )
     out = Path(args.out) if args.out else default_out(args.target)
     metrics = run_fit(cfg, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
@@ -73,6 +73,8 @@ if __name__ == "__main__":
     parser.add_argument("--baselines", default=",".join(d.baselines),
                         help=f"comma-separated baselines to run beside VTVC (default all: {','.join(BASELINES)}; '' for none)")
     parser.add_argument("--granularity", default=d.granularity, choices=GRANULARITIES)
+    parser.add_argument("--low-rank", type=int, default=d.low_rank, metavar="R",
+                        help="compose rank-R truncated SVDs of the task vectors (0: full rank, the default)")
     parser.add_argument("--steps", type=int, default=s.steps)
     parser.add_argument("--batch-size", type=int, default=s.batch_size)
     parser.add_argument("--num-particles", type=int, default=s.num_particles)

@@ -108,3 +108,15 @@ def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path
         assert float(idata.posterior["gate"].min()) == 1.0  # no gate site: every component is kept
     if prior == "spike_slab_negative":
         assert float(lam.max()) <= 0.0
+
+
+def test_low_rank_bank_fits_end_to_end(bank_path, tmp_path):
+    out = tmp_path / "r4"
+    proc = run_inline("--bank", str(bank_path), "--low-rank", "4", "--steps", "5", "--eval-every", "5",
+                      "--eval-samples", "2", "--baselines=zeroshot,ties", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"zeroshot", "ties", "vtvc", "vtvc_mean"}
+    assert json.loads((out / "config.json").read_text())["fit"]["low_rank"] == 4
+    bad = run_inline("--bank", str(bank_path), "--low-rank", "-1", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "low_rank must be >= 0" in bad.stderr

@@ -248,7 +248,8 @@ def _task_arithmetic(inp: BaselineInputs):
 
 
 def _ties(inp: BaselineInputs):
-    c = inp.composer("task", single_vector_bank(inp.vectors, ties_merge(inp.vectors), "ties"))
+    dense = inp.vectors.to_dense() if hasattr(inp.vectors, "to_dense") else inp.vectors  # a low-rank bank
+    c = inp.composer("task", single_vector_bank(dense, ties_merge(dense), "ties"))
     lam, info = choose_on_val(c, inp.head, inp.val, torch.linspace(0, 2, 21))
     return predict_shared(c, inp.head, inp.test_images, lam), {**info, "density": 0.2}
 

@@ -33,6 +33,7 @@ from .guide import make_guide
 from .infer import SVIConfig, fit_svi, mean_probs, resolve_device, sample_probs
 from .model import VTVCModel
 from .priors import make_prior
+from .low_rank import truncate_bank
 from .task_vectors import TaskVectorBank, atomic_save
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class FitConfig:
     hidden: int | None = None
     atlas_lr: float = 5e-2
     baselines: list = field(default_factory=lambda: list(baselines.BASELINES))
+    low_rank: int = 0  # > 0: compose rank-R truncations of the task vectors (vtvc_pyro.low_rank)
     eval_samples: int = 20
     posterior_samples: int = 128
     device: str = "auto"
@@ -70,6 +72,8 @@ class FitConfig:
             raise ConfigError(f"unknown granularity {self.granularity!r}: use one of {GRANULARITIES}")
         if self.eval_samples <= 0 or self.posterior_samples < 0:
             raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
+        if self.low_rank < 0:
+            raise ConfigError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
         unknown = [b for b in self.baselines if b not in baselines.BASELINES]
         if unknown:
             raise ConfigError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(baselines.BASELINES)}")
@@ -147,7 +151,10 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
     tasks = [t for t in full.vectors.tasks if t not in own]  # never the target's own vector
     own_tasks = [t for t in full.vectors.tasks if t in own]
     own_vector = full.vectors.select(own_tasks[:1]).to(device) if own_tasks else None
-    bank = LoadedBank(full.path, full.manifest, full.model.to(device), full.vectors.select(tasks).to(device), full.heads)
+    vectors = full.vectors.select(tasks)
+    if cfg.low_rank:  # truncated SVD of every weight matrix; the engine then composes the factors
+        vectors = truncate_bank(vectors, rank=cfg.low_rank)
+    bank = LoadedBank(full.path, full.manifest, full.model.to(device), vectors.to(device), full.heads)
     head = bank.head_for(task).to(device)
     if head.shape[0] != len(task.class_names):
         raise ConfigError(f"head has {head.shape[0]} classes but {cfg.target} has {len(task.class_names)}")
