@@ -6,7 +6,7 @@ Writes ``ablation.csv`` (one row per cell), ``ablation.md`` (mean ± sd over see
 Usage::
 
     python scripts/ablate.py                       # default grid, runs/ablation (about 20 min on 2 cores)
-    python scripts/ablate.py --quick               # smoke grid, runs/ablation-quick (about 2 min)
+    python scripts/ablate.py --quick               # smoke grid, runs/ablation-quick (under a minute)
     python scripts/ablate.py --targets mixed,rot-noise --methods atlas,vtvc/laplace/amortized_gated --seeds 0,1
 """
 

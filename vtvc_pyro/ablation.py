@@ -60,7 +60,7 @@ class GridConfig:
 
     @classmethod
     def quick(cls, **overrides) -> GridConfig:
-        """The smoke grid (about 2 minutes on 2 cores): one target, one seed, 30 steps."""
+        """The smoke grid (under a minute on 2 cores): one target, one seed, 30 steps."""
         return cls(**{"methods": list(QUICK_METHODS), "seeds": [0], "steps": 30, "eval_every": 15,
                       "eval_samples": 4, **overrides})
 
