@@ -72,5 +72,9 @@ class VTVCModel(torch.nn.Module):
         with pyro.plate("data", num_data, subsample=torch.arange(n, device=images.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
                 lam = self.prior.sample(self.composer.num_tasks, self.composer.num_groups, images, temperature)
-            pyro.sample("obs", dist.Categorical(logits=self.logits(images, lam)), obs=labels)
+            self.observe(self.logits(images, lam), labels)
         return lam
+
+    def observe(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """The likelihood site ``obs`` inside the data plate: ``logits [*P, N, C]``, ``labels [N]``."""
+        pyro.sample("obs", dist.Categorical(logits=logits), obs=labels)

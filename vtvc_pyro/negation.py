@@ -83,13 +83,9 @@ class NegationModel(VTVCModel):
         forget = torch.log_softmax(logits[..., c:], -1).mean(-1)  # uniform soft label
         return torch.where(labels >= c, forget, control)
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
-        n = images.shape[0]
-        with pyro.plate("data", num_data or n, subsample=torch.arange(n, device=images.device), dim=-1):
-            with pyro.poutine.scale(scale=kl_weight):
-                lam = self.prior.sample(self.composer.num_tasks, self.composer.num_groups, images, temperature)
-            pyro.factor("obs", self.log_likelihood(self.logits(images, lam), labels))
-        return lam
+    def observe(self, logits, labels):
+        """Union labels, not a categorical: a factor of :meth:`log_likelihood`."""
+        pyro.factor("obs", self.log_likelihood(logits, labels))
 
 
 def split_accuracies(model: NegationModel, probs_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
