@@ -26,11 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
 
 from .errors import BankError, ConfigError
-from .task_vectors import DTYPES, TaskVectorBank, atomic_save, fingerprint
+from .task_vectors import (
+    DTYPES,
+    TaskVectorBank,
+    atomic_save,
+    fingerprint,
+    read_with_metadata,
+)
 
 FORMAT = "vtvc-low-rank-bank/1"
 #: blocks that are 2-D or more but are added, not multiplied with the tokens
@@ -208,12 +212,7 @@ def load_low_rank(path: str | Path, base: Mapping[str, torch.Tensor]) -> LowRank
     path = Path(path)
     if not path.is_file():
         raise BankError(f"low-rank bank {path} does not exist: write it with save_low_rank(truncate_bank(...), path)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BankError(f"low-rank bank {path} is truncated or corrupt ({err}); write it again") from err
+    tensors, meta = read_with_metadata(path, "low-rank bank", "write it again")
     if meta.get("format") != FORMAT:
         raise BankError(f"{path} is not a low-rank bank (no '{FORMAT}' metadata); make one with truncate_bank()")
     base = {k: v.float() for k, v in base.items()}

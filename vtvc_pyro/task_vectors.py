@@ -46,6 +46,20 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     os.replace(tmp, path)
 
 
+def read_with_metadata(path: Path, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file.
+
+    Raises:
+        BankError: ``"<what> <path> is truncated or corrupt (...); <fix>"``.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BankError(f"{what} {path} is truncated or corrupt ({err}); {fix}") from err
+
+
 def image_tower_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The image-tower tensors of a CLIP/ImageEncoder state dict, renamed relative to ``visual.``.
 
@@ -132,12 +146,7 @@ class TaskVector:
         path = Path(path)
         if not path.is_file():
             raise BankError(f"task vector {path} does not exist: build the bank (scripts/build_bank.py) or fix the path")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            deltas = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise BankError(f"task vector {path} is truncated or corrupt ({err}); rebuild or re-import it") from err
+        deltas, meta = read_with_metadata(path, "task vector", "rebuild or re-import it")
         if meta.get("format") != FORMAT:
             raise BankError(f"{path} is not a vtvc task vector (no '{FORMAT}' metadata); convert it with TaskVector.from_state_dicts(...).save()")
         tv = cls(
