@@ -16,8 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from vtvc_pyro import backbone  # noqa: E402
-from vtvc_pyro.bank import build_embedded_bank, load_bank  # noqa: E402
-from vtvc_pyro.task_vectors import TaskVector, TaskVectorBank  # noqa: E402
+from vtvc_pyro.bank.store import build_embedded_bank, load_bank  # noqa: E402
+from vtvc_pyro.bank.task_vectors import TaskVector, TaskVectorBank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BANK = Path(os.environ.get("VTVC_BANK", ROOT / "banks" / "embedded"))
@@ -76,7 +76,7 @@ def run_script(*args, script="svi_fit.py", env_extra=None):
 def short_run(bank_path, tmp_path_factory):
     """A 30-step ``svi_fit.py`` run on the real bank (target mixed): ``(run folder, stdout)``."""
     out = tmp_path_factory.mktemp("run") / "mixed"
-    proc = run_script("--bank", str(bank_path), "--steps", "30", "--eval-every", "15", "--eval-samples", "4",
+    proc = run_script("--bank", str(bank_path), "--svi.steps", "30", "--svi.eval_every", "15", "--eval_samples", "4",
                       "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
@@ -91,14 +91,14 @@ REAL_TASKS = ["DTD", "EuroSAT", "MNIST", "SVHN"]
 def real_world(tmp_path_factory):
     """Stand-in benchmark folders, a base CLIP saved as an open_clip state dict, and fine-tuned
     checkpoints as task_vectors publishes them (pickled ImageEncoder modules)."""
-    from vtvc_pyro.task_vectors import atomic_save
+    from vtvc_pyro.io import save_safetensors
 
     from . import standins
 
     root = tmp_path_factory.mktemp("real")
     standins.write_all(root / "data")
     torch.manual_seed(0)
-    atomic_save(backbone.create_clip(REAL_ARCH).state_dict(), root / "base.safetensors")
+    save_safetensors(backbone.create_clip(REAL_ARCH).state_dict(), root / "base.safetensors")
     standins.write_published_checkpoints(root / "ckpt", REAL_ARCH, root / "base.safetensors", REAL_TASKS)
     return root
 
@@ -108,7 +108,7 @@ def real_bank(real_world):
     """Those checkpoints imported by scripts/import_checkpoints.py (bf16 storage)."""
     out = real_world / "bank"
     proc = run_script("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
-                      str(real_world / "ckpt"), "--trust-pickle", "--dtype", "bfloat16", "--out", str(out), "--quiet",
+                      str(real_world / "ckpt"), "--trust_pickle", "--dtype", "bfloat16", "--out", str(out), "--quiet",
                       script="import_checkpoints.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MNIST" in proc.stdout and "32 blocks" in proc.stdout

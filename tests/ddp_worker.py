@@ -12,12 +12,14 @@ import pyro
 import torch
 
 from vtvc_pyro import backbone, distributed
-from vtvc_pyro.composition import Composer
-from vtvc_pyro.guide import make_guide
-from vtvc_pyro.infer import SVIConfig, fit_svi
-from vtvc_pyro.model import VTVCModel
-from vtvc_pyro.priors import make_prior
-from vtvc_pyro.task_vectors import TaskVector, TaskVectorBank, atomic_save
+from vtvc_pyro.bank.task_vectors import TaskVector, TaskVectorBank
+from vtvc_pyro.bayes.guide import make_guide
+from vtvc_pyro.bayes.model import VTVCModel
+from vtvc_pyro.bayes.priors import make_prior
+from vtvc_pyro.bayes.svi import fit_svi
+from vtvc_pyro.compose.engine import Composer
+from vtvc_pyro.config import SVIConfig
+from vtvc_pyro.io import save_safetensors
 
 
 def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
@@ -39,7 +41,7 @@ def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
     # process and two processes see the same loss whatever the random streams
     guide = make_guide("amortized_gated", feature_dim=64, num_tasks=3, num_groups=composer.num_groups, prior=prior,
                        slab_mean_init=1.0, gate_logit_init=20.0, slab_logvar_init=-30.0, logvar_min=-30.0)
-    cfg = SVIConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, seed=0, accumulate=accumulate)
+    cfg = SVIConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, accumulate=accumulate)
     result = fit_svi(VTVCModel(composer, head, prior), guide, (images[:32], features[:32], labels[:32]),
                   (images[32:], features[32:], labels[32:]), cfg, checkpoint_path=out / "checkpoint.safetensors",
                   progress=False)
@@ -51,7 +53,7 @@ def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
 
 def main(out: Path) -> None:
     distributed.init_from_env()
-    atomic_save(fit(out), out / f"rank{distributed.rank()}.safetensors", {"world_size": str(distributed.world_size())})
+    save_safetensors(fit(out), out / f"rank{distributed.rank()}.safetensors", {"world_size": str(distributed.world_size())})
 
 
 if __name__ == "__main__":

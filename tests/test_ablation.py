@@ -2,7 +2,8 @@
 
 import csv
 
-from vtvc_pyro.ablation import GridConfig, cells, parse_method
+from vtvc_pyro.config import GridConfig
+from vtvc_pyro.protocols.ablation import cells, parse_method
 
 from .conftest import run_script
 

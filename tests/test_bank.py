@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from vtvc_pyro import backbone, training
-from vtvc_pyro.bank import load_bank
+from vtvc_pyro import backbone
+from vtvc_pyro.bank import training
+from vtvc_pyro.bank.store import load_bank
 from vtvc_pyro.data import specs, suite
 from vtvc_pyro.errors import BankError, DataError
 
@@ -22,7 +23,7 @@ def test_manifest_finetuned_beats_zeroshot_beats_chance(bank_path):
 
 def test_bank_loads_and_vectors_improve_their_task(loaded_bank):
     """Adding a task's own vector to the base model (λ = 1) recovers its fine-tuned accuracy."""
-    from vtvc_pyro.composition import Composer
+    from vtvc_pyro.compose.engine import Composer
 
     task = specs.load_dataset("digits-rotated", 0)
     head = loaded_bank.head_for(task)
@@ -93,7 +94,7 @@ def test_finetune_script_writes_a_loadable_task_vector(bank_path, tmp_path):
     import subprocess
     import sys
 
-    from vtvc_pyro.task_vectors import TaskVector
+    from vtvc_pyro.bank.task_vectors import TaskVector
 
     out = tmp_path / "rot.safetensors"
     proc = subprocess.run(

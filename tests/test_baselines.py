@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from vtvc_pyro import baselines
-from vtvc_pyro.composition import Composer
+from vtvc_pyro.bank.task_vectors import TaskVectorBank
+from vtvc_pyro.compose.engine import Composer
+from vtvc_pyro.config import FitConfig, SVIConfig
 from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.evaluate import classification_metrics
-from vtvc_pyro.infer import SVIConfig
-from vtvc_pyro.pipeline import FitConfig, load_target, run_baselines
-from vtvc_pyro.task_vectors import TaskVectorBank
+from vtvc_pyro.methods import learned, merges
+from vtvc_pyro.methods.baselines import BASELINES, expand_names
+from vtvc_pyro.protocols.transfer import load_target, run_baselines
 
 from .conftest import random_bank
 
@@ -21,17 +22,17 @@ def test_ties_trims_elects_and_merges_disjointly():
                                  [3.0, 2.0, -0.1, -5.0],
                                  [-1.0, 3.0, 0.2, 1.0]])}
     bank = TaskVectorBank("x", ["a", "b", "c"], {"w": torch.zeros(4)}, deltas)
-    merged = baselines.ties_merge(bank, density=0.5)["w"]
+    merged = merges.ties_merge(bank, density=0.5)["w"]
     # trimmed (top 2 per task): a [4, 0, 0, 2], b [3, 0, 0, -5], c [0, 3, 0, 1]
     # elected signs: [+, +, 0, - (2 - 5 + 1 < 0)]; disjoint means: [3.5, 3, 0, -5]
     assert torch.allclose(merged, torch.tensor([3.5, 3.0, 0.0, -5.0]))
     with pytest.raises(ConfigError, match="density"):
-        baselines.ties_merge(bank, density=0)
+        merges.ties_merge(bank, density=0)
 
 
 def test_averaging_is_one_over_t():
     model, _, _, bank = random_bank(num_tasks=4)
-    lam = baselines.average_coefficients(Composer(model.visual, bank, "task"), "cpu")
+    lam = merges.average_coefficients(Composer(model.visual, bank, "task"), "cpu")
     assert torch.equal(lam, torch.full((4, 1), 0.25))
 
 
@@ -41,7 +42,7 @@ def test_adamerging_lowers_entropy_and_stays_in_unit_interval():
     torch.manual_seed(0)
     head = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1) * 30
     x = torch.randn(64, 3, 16, 16)
-    lam, info = baselines.adamerging(composer, head, x, steps=100, batch_size=32, lr=0.05)
+    lam, info = learned.adamerging(composer, head, x, steps=100, batch_size=32, lr=0.05)
     assert lam.shape == (3, composer.num_groups) and lam.min() >= 0 and lam.max() <= 1
     entropy = info["history"]
     assert entropy[-1]["entropy"] < entropy[0]["entropy"]
@@ -68,4 +69,5 @@ def test_finetuned_is_skipped_without_an_own_vector(bank_path):
 
 def test_unknown_baseline_is_refused():
     with pytest.raises(ConfigError, match="unknown baseline 'soup'"):
-        FitConfig(baselines=["soup"]).validate()
+        expand_names(["soup"])
+    assert expand_names(["all"]) == list(BASELINES) and expand_names(["ties", "all"])[0] == "ties"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from vtvc_pyro.composition import GRANULARITIES, Composer, block_groups
+from vtvc_pyro.bank.task_vectors import TaskVectorBank
+from vtvc_pyro.compose.engine import GRANULARITIES, Composer, block_groups
 from vtvc_pyro.errors import ConfigError
-from vtvc_pyro.task_vectors import TaskVectorBank
 
 from .conftest import random_bank
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from vtvc_pyro import distributed
-from vtvc_pyro.bank import load_bank
+from vtvc_pyro.bank.store import load_bank
 from vtvc_pyro.data.benchmarks import clip_preprocess, load_benchmark
 
 from .conftest import ROOT
@@ -57,8 +57,8 @@ def test_svi_fit_under_torchrun_writes_once_from_rank_0(real_world, real_bank, t
     """The real script on an imported bank and a stand-in benchmark; base features sharded by DistributedSampler."""
     out = tmp_path / "run"
     spec = f"benchmark:SVHN@{real_world / 'data'}"
-    proc = torchrun(str(ROOT / "scripts" / "svi_fit.py"), "--bank", str(real_bank), "--target", spec, "--steps", "4",
-                    "--batch-size", "8", "--eval-every", "2", "--eval-samples", "2", "--device", "cpu",
+    proc = torchrun(str(ROOT / "scripts" / "svi_fit.py"), "--bank", str(real_bank), "--target", spec, "--svi.steps", "4",
+                    "--svi.batch_size", "8", "--svi.eval_every", "2", "--eval_samples", "2", "--device", "cpu",
                     "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("target: benchmark:SVHN") == 1  # only rank 0 reports

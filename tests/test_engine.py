@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vtvc_pyro.composition import Composer
+from vtvc_pyro.bank.low_rank import truncate_bank
+from vtvc_pyro.bank.task_vectors import TaskVectorBank
+from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.errors import ConfigError
-from vtvc_pyro.low_rank import truncate_bank
-from vtvc_pyro.task_vectors import TaskVectorBank
 
 from .conftest import random_bank
 

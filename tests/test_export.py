@@ -14,13 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vtvc_pyro import backbone
-from vtvc_pyro.bank import import_bank, load_bank, read_checkpoint
-from vtvc_pyro.composition import Composer
+from vtvc_pyro.bank.store import import_bank, load_bank, read_checkpoint
+from vtvc_pyro.compose.engine import Composer
+from vtvc_pyro.config import FitConfig, SVIConfig
 from vtvc_pyro.errors import BankError, ConfigError
-from vtvc_pyro.export import export_composed, export_run
-from vtvc_pyro.infer import SVIConfig
-from vtvc_pyro.pipeline import FitConfig, run_fit
-from vtvc_pyro.task_vectors import atomic_save, fingerprint
+from vtvc_pyro.io import fingerprint, save_safetensors
+from vtvc_pyro.protocols.export import export_composed, export_run
+from vtvc_pyro.protocols.transfer import run_fit
 
 from . import standins
 from .conftest import REAL_ARCH as ARCH
@@ -41,7 +41,7 @@ def bank(real_bank):
 def test_import_refuses_pickles_without_trust(world, tmp_path):
     proc = run_script("--arch", ARCH, "--base", str(world / "base.safetensors"), "--checkpoints", str(world / "ckpt"),
                       "--out", str(tmp_path / "b"), script="import_checkpoints.py")
-    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "--trust_pickle" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "b" / "manifest.json").exists()
 
 
@@ -67,9 +67,9 @@ def test_import_reads_atlas_layout_and_state_dicts(world, tmp_path):
     tuned = backbone.create_clip(ARCH, str(world / "base.safetensors"))
     with torch.no_grad():
         tuned.visual.proj.add_(0.1)
-    atomic_save(tuned.state_dict(), tmp_path / "cars.safetensors")
+    save_safetensors(tuned.state_dict(), tmp_path / "cars.safetensors")
     torch.save(tuned.state_dict(), tmp_path / "cars_state_dict.pt")  # a plain state dict needs no trust flag
-    from vtvc_pyro.bank import discover_checkpoints
+    from vtvc_pyro.bank.store import discover_checkpoints
 
     zeroshot, found = discover_checkpoints(tmp_path / "atlas")
     assert zeroshot.name == "nonlinear_zeroshot.pt" and list(found) == ["GTSRB"]

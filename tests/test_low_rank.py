@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from vtvc_pyro.errors import BankError, ConfigError
-from vtvc_pyro.low_rank import (
+from vtvc_pyro.bank.low_rank import (
     load_low_rank,
     relative_error,
     save_low_rank,
     truncate_bank,
 )
+from vtvc_pyro.errors import BankError, ConfigError
 
 from .conftest import random_bank
 
@@ -84,7 +84,7 @@ def test_bad_input(tmp_path):
 
 def test_real_bank_truncation_is_composed_exactly(loaded_bank):
     """The embedded bank at rank 16: about 30 % relative error, and every strategy is exact on it."""
-    from vtvc_pyro.composition import Composer
+    from vtvc_pyro.compose.engine import Composer
 
     low = truncate_bank(loaded_bank.vectors.select(["digits-rotated", "digits-inverted"]), rank=16)
     assert 0.1 < relative_error(low, loaded_bank.vectors.select(["digits-rotated", "digits-inverted"])) < 0.5

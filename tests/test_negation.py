@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from vtvc_pyro.infer import SVIConfig
-from vtvc_pyro.negation import NegationModel, run_negation
-from vtvc_pyro.priors import make_prior
+from vtvc_pyro.bayes.priors import make_prior
+from vtvc_pyro.config import NegationConfig, SVIConfig
+from vtvc_pyro.protocols.negation import NegationModel, run_negation
 
 from .conftest import random_bank, run_script
 
 
 def test_union_likelihood_uses_labels_for_control_and_uniform_for_forget():
-    from vtvc_pyro.composition import Composer
+    from vtvc_pyro.compose.engine import Composer
 
     model, _, _, bank = random_bank(num_tasks=1)
     neg = NegationModel(Composer(model.visual, bank, "task"), torch.randn(3, 64), torch.randn(2, 64),
@@ -24,7 +24,7 @@ def test_union_likelihood_uses_labels_for_control_and_uniform_for_forget():
 
 
 def test_negation_forgets_and_keeps_the_control(bank_path):
-    result = run_negation("digits", "textures", str(bank_path), SVIConfig(steps=60, eval_every=20))
+    result = run_negation(NegationConfig("digits", "textures", str(bank_path), svi=SVIConfig(steps=60, eval_every=20)))
     zs, ta, vtvc = (result["methods"][k] for k in ("zeroshot", "task_arithmetic", "vtvc"))
     assert result["task_arithmetic_lambda"] < 0
     assert ta["forget"] < zs["forget"] - 0.1 and ta["control"] >= 0.85 * zs["control"]

@@ -11,13 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from vtvc_pyro.bayes.svi import fit_svi
+from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import NumericalError
-from vtvc_pyro.infer import SVIConfig, fit_svi
 
 from .conftest import ROOT, run_script
 from .test_vtvc import tiny_problem
 
-ARGS = ["--steps", "120", "--eval-every", "20", "--checkpoint-every", "20", "--eval-samples", "4", "--quiet"]
+ARGS = ["--svi.steps", "120", "--svi.eval_every", "20", "--svi.checkpoint_every", "20", "--eval_samples", "4", "--quiet"]
 
 
 def checkpoint_step(path):
@@ -80,7 +81,7 @@ def test_resume_refuses_changed_settings_or_missing_checkpoint(bank_path, tmp_pa
     first = start_and_wait(bank_path, out, min_step=20)
     first.kill()
     first.wait()
-    proc = run_script("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS[:-1], "--lr", "0.1", "--quiet")
+    proc = run_script("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS[:-1], "--svi.lr", "0.1", "--quiet")
     assert proc.returncode == 2 and "other settings (svi)" in proc.stderr
 
 

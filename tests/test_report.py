@@ -2,14 +2,10 @@
 
 import json
 
-import matplotlib
+from vtvc_pyro.diagnostics import az
+from vtvc_pyro.report import layer_inclusion, summarize
 
-matplotlib.use("Agg")
-
-from vtvc_pyro.diagnostics import az  # noqa: E402
-from vtvc_pyro.report import layer_inclusion, summarize  # noqa: E402
-
-from .conftest import ROOT, run_script  # noqa: E402
+from .conftest import ROOT, run_script
 
 FIGURES = ("elbo", "inclusion_heatmap", "lambda_forest", "sample_profiles", "reliability", "accuracy_coverage",
            "uncertainty_vs_error")
@@ -44,7 +40,9 @@ def test_report_script_rebuilds_figures(short_run):
     out, _ = short_run
     for png in (out / "figures").glob("*.png"):
         png.unlink()
-    proc = run_script(str(out), script="report.py")
+    refused = run_script(str(out), script="report.py")
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr  # summary.json is there
+    proc = run_script(str(out), "--overwrite", script="report.py")
     assert proc.returncode == 0, proc.stderr
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000, name
@@ -56,13 +54,21 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert proc.returncode == 2 and "posterior.nc" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
-def test_notebook_executes_top_to_bottom(bank_path):
+def test_notebook_executes_top_to_bottom_and_draws(short_run):
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(ROOT / "notebooks" / "posterior_analysis.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook stripped"
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert any("target: mixed" in o.get("text", "") for o in outputs)
+    parameters = nb.cells[1]
+    assert parameters.source.startswith("# Parameters")
+    parameters.source = f"RUN_DIRS = [{str(short_run[0])!r}]"  # reuse the session's run instead of fitting one
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = {i: c.outputs for i, c in enumerate(nb.cells) if c.cell_type == "code"}
+    assert not [o for out in outputs.values() for o in out if o.output_type == "error"]
+    assert any("target: mixed" in o.get("text", "") for out in outputs.values() for o in out)
+    # every cell that draws shows its figure (a backend switched by the library would leave them blank)
+    drawing = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "plt.show()" in c.source]
+    assert len(drawing) == 2
+    for i in drawing:
+        assert any("image/png" in o.get("data", {}) for o in outputs[i]), f"cell {i} drew no image"

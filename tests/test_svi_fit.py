@@ -6,8 +6,8 @@ import arviz as az
 import numpy as np
 import pytest
 
-from vtvc_pyro.guide import GUIDES
-from vtvc_pyro.priors import PRIORS
+from vtvc_pyro.bayes.guide import GUIDES
+from vtvc_pyro.bayes.priors import PRIORS
 
 from .conftest import run_inline, run_script
 
@@ -25,7 +25,7 @@ def test_fit_writes_every_output(short_run):
         assert 0 <= values["accuracy"] <= 1 and values["nll"] > 0
     assert "mixed" not in metrics["tasks"] and len(metrics["tasks"]) == 11
     config = json.loads((out / "config.json").read_text())
-    assert config["fit"]["svi"]["steps"] == 30 and config["environment"]["packages"]["pyro-ppl"]
+    assert config["svi"]["steps"] == 30 and config["run"]["environment"]["packages"]["pyro-ppl"]
     assert "vtvc" in stdout and "task_arithmetic" in stdout
 
 
@@ -45,7 +45,7 @@ def test_posterior_opens_in_arviz(short_run):
 def test_existing_out_is_refused_and_kept(short_run):
     out, _ = short_run
     before = (out / "metrics.json").read_bytes()
-    proc = run_script("--out", str(out), "--steps", "1")
+    proc = run_script("--out", str(out), "--svi.steps", "1")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--overwrite" in proc.stderr
     assert (out / "metrics.json").read_bytes() == before
@@ -55,11 +55,11 @@ def test_existing_out_is_refused_and_kept(short_run):
     "args, message",
     [
         (["--prior", "nope"], "unknown prior"),
-        (["--prior-arg", "pi=2"], "pi must lie in (0, 1)"),
-        (["--steps", "0"], "steps must be > 0"),
-        (["--batch-size", "0"], "batch_size must be > 0"),
-        (["--prior", "gaussian", "--prior-arg", "slab_scale=-1"], "slab_scale must be > 0"),
-        (["--kl-weight", "0"], "kl_weight must be > 0"),
+        (["--prior_args", "{pi: 2}"], "pi must lie in (0, 1)"),
+        (["--svi.steps", "0"], "steps must be > 0"),
+        (["--svi.batch_size", "0"], "batch_size must be > 0"),
+        (["--prior", "gaussian", "--prior_args", "{slab_scale: -1}"], "slab_scale must be > 0"),
+        (["--svi.kl_weight", "0"], "kl_weight must be > 0"),
         (["--target", "imagefolder:/nonexistent"], "needs train/<class>"),
         (["--target", "imagenet"], "unknown data set spec"),
     ],
@@ -78,7 +78,7 @@ def test_bad_input_exits_2_from_a_real_process(tmp_path, bank_path):
 
 
 def test_list_priors():
-    proc = run_inline("--list-priors")
+    proc = run_inline("--list_priors")
     assert proc.returncode == 0 and "spike_slab" in proc.stdout and "gaussian" in proc.stdout
 
 
@@ -95,8 +95,8 @@ def test_the_pairs_cover_both_registries():
 @pytest.mark.parametrize("prior, guide", PAIRS)
 def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path):
     out = tmp_path / prior
-    proc = run_inline("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--steps", "5", "--baselines=",
-                      "--eval-every", "5", "--eval-samples", "2", "--out", str(out), "--quiet")
+    proc = run_inline("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--svi.steps", "5", "--baselines=[]",
+                      "--svi.eval_every", "5", "--eval_samples", "2", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     idata = az.from_netcdf(out / "posterior.nc")
     assert (idata.posterior.attrs["prior"], idata.posterior.attrs["guide"]) == (prior, guide)
@@ -112,11 +112,11 @@ def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path
 
 def test_low_rank_bank_fits_end_to_end(bank_path, tmp_path):
     out = tmp_path / "r4"
-    proc = run_inline("--bank", str(bank_path), "--low-rank", "4", "--steps", "5", "--eval-every", "5",
-                      "--eval-samples", "2", "--baselines=zeroshot,ties", "--out", str(out), "--quiet")
+    proc = run_inline("--bank", str(bank_path), "--low_rank", "4", "--svi.steps", "5", "--svi.eval_every", "5",
+                      "--eval_samples", "2", "--baselines=[zeroshot,ties]", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"zeroshot", "ties", "vtvc", "vtvc_mean"}
-    assert json.loads((out / "config.json").read_text())["fit"]["low_rank"] == 4
-    bad = run_inline("--bank", str(bank_path), "--low-rank", "-1", "--out", str(tmp_path / "bad"))
+    assert json.loads((out / "config.json").read_text())["low_rank"] == 4
+    bad = run_inline("--bank", str(bank_path), "--low_rank", "-1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "low_rank must be >= 0" in bad.stderr

@@ -3,8 +3,12 @@ import torch
 from safetensors.torch import load_file
 
 from vtvc_pyro import backbone
+from vtvc_pyro.bank.task_vectors import (
+    TaskVector,
+    TaskVectorBank,
+    load_pickled_checkpoint,
+)
 from vtvc_pyro.errors import BankError
-from vtvc_pyro.task_vectors import TaskVector, TaskVectorBank, load_pickled_checkpoint
 
 from .conftest import random_bank
 

@@ -8,13 +8,14 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from vtvc_pyro import backbone
-from vtvc_pyro.composition import Composer
+from vtvc_pyro.bayes.guide import GUIDES, make_guide
+from vtvc_pyro.bayes.model import VTVCModel
+from vtvc_pyro.bayes.priors import PRIORS, make_prior, parse_prior_args
+from vtvc_pyro.bayes.svi import fit_svi, sample_probs
+from vtvc_pyro.compose.engine import Composer
+from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.data import specs
 from vtvc_pyro.errors import ConfigError
-from vtvc_pyro.guide import GUIDES, make_guide
-from vtvc_pyro.infer import SVIConfig, fit_svi, sample_probs
-from vtvc_pyro.model import VTVCModel
-from vtvc_pyro.priors import PRIORS, make_prior, parse_prior_args
 
 from .conftest import random_bank
 

@@ -1,24 +1,54 @@
 """vtvc_pyro: Variational Task Vector Composition in Pyro over open_clip CLIP models.
 
+The package is layered; each layer imports only the ones below it (an import-linter contract in
+``pyproject.toml`` checks it)::
+
+    cli                         the `vtvc` command
+    protocols                   experiments: transfer (run_fit), negation, ablation, export, truncation
+    methods | bayes | report    baselines | the Pyro model, guides, SVI | figures
+    compose                     per-sample and shared composed forward passes
+    bank                        task vectors, bank folders, low-rank banks, the embedded bank's training
+    data                        data set specs, the offline suite, the 8 benchmarks, mini-batches
+    backbone | diagnostics | evaluate | distributed | config | io | errors
+
+Names below are imported on first use, so ``import vtvc_pyro`` is cheap and changes no global state.
+
 Usage::
 
     from vtvc_pyro import FitConfig, run_fit
     metrics = run_fit(FitConfig(target="mixed"), "runs/mixed")
 """
 
-from .bank import build_embedded_bank, load_bank
-from .composition import Composer
-from .errors import VTVCError
-from .guide import GUIDES, AmortizedGatedGuide, make_guide
-from .infer import SVIConfig, fit_svi
-from .model import VTVCModel
-from .pipeline import FitConfig, run_fit
-from .priors import PRIORS, make_prior
-from .task_vectors import TaskVector, TaskVectorBank
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "AmortizedGatedGuide", "Composer", "FitConfig", "GUIDES", "PRIORS", "SVIConfig", "TaskVector",
-    "TaskVectorBank", "VTVCError", "VTVCModel", "build_embedded_bank", "fit_svi", "load_bank", "make_guide",
-    "make_prior", "run_fit",
-]
+
+_EXPORTS = {
+    "AmortizedGatedGuide": "bayes.guide", "GUIDES": "bayes.guide", "make_guide": "bayes.guide",
+    "PRIORS": "bayes.priors", "make_prior": "bayes.priors", "VTVCModel": "bayes.model", "fit_svi": "bayes.svi",
+    "BuildConfig": "config", "FitConfig": "config", "GridConfig": "config", "NegationConfig": "config",
+    "SVIConfig": "config", "VTVCError": "errors",
+    "Composer": "compose.engine",
+    "TaskVector": "bank.task_vectors", "TaskVectorBank": "bank.task_vectors",
+    "build_embedded_bank": "bank.store", "import_bank": "bank.store", "load_bank": "bank.store",
+    "truncate_bank": "bank.low_rank", "create_clip": "backbone", "load_benchmark": "data.benchmarks",
+    "classification_metrics": "evaluate", "BASELINES": "methods.baselines",
+    "run_fit": "protocols.transfer", "run_negation": "protocols.negation", "run_grid": "protocols.ablation",
+    "export_composed": "protocols.export", "export_run": "protocols.export",
+    "truncation_report": "protocols.truncation", "build_report": "report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vtvc_pyro' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

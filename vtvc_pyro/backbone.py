@@ -33,6 +33,10 @@ def list_models() -> list[str]:
     return open_clip.list_models()
 
 
+def _drop_random_init_notice(record: logging.LogRecord) -> bool:
+    return "initialized randomly" not in record.getMessage()
+
+
 def create_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build an open_clip CLIP model in float32, eval mode.
 
@@ -53,8 +57,10 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     weights_file = pretrained is not None and Path(pretrained).suffix in {".safetensors", ".pt", ".bin", ".pth"}
     if weights_file and not Path(pretrained).is_file():
         raise BackboneError(f"weights file {pretrained} does not exist: check the path or rebuild the bank")
-    # open_clip warns on the root logger about random init even when we load the weights ourselves.
-    logging.disable(logging.WARNING)
+    # open_clip warns on the root logger about random init even when we load the weights ourselves:
+    # drop that one record while loading (a filter on the root logger sees only records logged on it)
+    root = logging.getLogger()
+    root.addFilter(_drop_random_init_notice)
     try:
         if weights_file and pretrained.endswith(".safetensors"):
             model = open_clip.create_model(name, pretrained=None, device=device)
@@ -76,7 +82,7 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
             + "download the checkpoint elsewhere and pass its local path (or local-dir:FOLDER) instead"
         ) from err
     finally:
-        logging.disable(logging.NOTSET)
+        root.removeFilter(_drop_random_init_notice)
     return model.float().eval()
 
 

@@ -15,12 +15,17 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-# arviz 0.23 announces its 1.0 refactor on every import; that one notice is noise for our users.
-warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
-import arviz as az  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import xarray as xr  # noqa: E402
+import numpy as np
+import torch
+import xarray as xr
+
+from .io import atomic_write
+
+# arviz 0.23 announces its 1.0 refactor when first imported; that one notice is noise for our users.
+# Silenced for the import only: the process's warning filters are left as they were.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning)
+    import arviz as az
 
 
 def to_inference_data(
@@ -79,11 +84,8 @@ def to_inference_data(
 
 
 def save_inference_data(idata: az.InferenceData, path: str | Path) -> None:
-    """netCDF through a temporary name and a rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    idata.to_netcdf(str(tmp))
-    tmp.replace(path)
+    """``idata`` as netCDF, atomically."""
+    atomic_write(path, lambda tmp: idata.to_netcdf(str(tmp)))
 
 
 def inclusion_summary(idata: az.InferenceData) -> xr.Dataset:

@@ -10,19 +10,18 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import (
+    Figure,  # the object API: no pyplot state, no backend switch
+)
+from safetensors.torch import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from .bank import write_json  # noqa: E402
-from .composition import block_groups  # noqa: E402
-from .diagnostics import az, inclusion_summary  # noqa: E402
-from .errors import ConfigError  # noqa: E402
-from .evaluate import accuracy_coverage, mutual_information, predictive_entropy  # noqa: E402
+from .compose.engine import block_groups
+from .diagnostics import az, inclusion_summary
+from .errors import ConfigError
+from .evaluate import accuracy_coverage, mutual_information, predictive_entropy
+from .io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +96,21 @@ def summarize(idata, hdi_prob: float = 0.9) -> dict:
 
 
 # ---------------------------------------------------------------- figures
-def _save(fig, path: Path) -> Path:
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` outside pyplot: nothing is registered globally, any backend stays as it is."""
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, atomically."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def plot_elbo(idata, path: Path) -> Path:
     elbo = idata.sample_stats["elbo"].values
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(elbo) + 1), elbo, lw=0.6, alpha=0.4, label="per step")
     window = max(1, len(elbo) // 30)
     if len(elbo) >= window:
@@ -114,12 +118,12 @@ def plot_elbo(idata, path: Path) -> Path:
         ax.plot(np.arange(window, len(elbo) + 1), smooth, lw=1.8, label=f"moving mean ({window} steps)")
     ax.set(xlabel="SVI step", ylabel="ELBO estimate (mini-batch, scaled to the data set)", title="ELBO trace")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_inclusion_heatmap(idata, path: Path) -> Path:
     table, tasks, layers = layer_inclusion(idata)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(layers), 0.9 + 0.35 * len(tasks)))
+    fig, ax = new_figure(figsize=(1.2 + 0.9 * len(layers), 0.9 + 0.35 * len(tasks)))
     im = ax.imshow(table, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(layers)), layers)
     ax.set_yticks(range(len(tasks)), tasks)
@@ -129,7 +133,7 @@ def plot_inclusion_heatmap(idata, path: Path) -> Path:
                     color="white" if table[i, j] < 0.5 else "black")
     fig.colorbar(im, ax=ax, label="P(gate = 1), mean over samples and blocks")
     ax.set_title("Posterior inclusion probability: task × layer")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lambda_forest(idata, path: Path) -> Path:
@@ -137,7 +141,7 @@ def plot_lambda_forest(idata, path: Path) -> Path:
     lam = idata.posterior["lam"].mean("block")  # (chain, draw, sample, task)
     values = lam.stack(point=("chain", "draw", "sample")).transpose("task", "point").values
     tasks = [str(t) for t in lam["task"].values]
-    fig, ax = plt.subplots(figsize=(6, 0.9 + 0.4 * len(tasks)))
+    fig, ax = new_figure(figsize=(6, 0.9 + 0.4 * len(tasks)))
     lo, q25, med, q75, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=1)
     y = np.arange(len(tasks))[::-1]
     ax.hlines(y, lo, hi, lw=1.2, color="C0", label="5–95 %")
@@ -147,7 +151,7 @@ def plot_lambda_forest(idata, path: Path) -> Path:
     ax.set_yticks(y, tasks)
     ax.set(xlabel="λ (mean over blocks) across test samples and posterior draws", title="Coefficients per task vector")
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
@@ -164,7 +168,7 @@ def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
     incl = idata.posterior["gate"].mean(("chain", "draw", "block"))
     tasks = [str(t) for t in lam["task"].values]
     classes = [str(c) for c in idata.constant_data["class_name"].values]
-    fig, axes = plt.subplots(1, len(picks), figsize=(3 * len(picks), 0.8 + 0.3 * len(tasks)), sharey=True)
+    fig, axes = new_figure(1, len(picks), figsize=(3 * len(picks), 0.8 + 0.3 * len(tasks)), sharey=True)
     for ax, i in zip(np.atleast_1d(axes), picks):
         ax.barh(range(len(tasks)), lam.isel(sample=i).values, color="C1", label="mean λ")
         ax.plot(incl.isel(sample=i).values, range(len(tasks)), "k.", label="P(gate = 1)")
@@ -174,7 +178,7 @@ def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
     np.atleast_1d(axes)[0].invert_yaxis()
     np.atleast_1d(axes)[-1].legend(fontsize=7)
     fig.suptitle("Per-sample composition (mean over blocks)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _methods(predictions: dict) -> list[str]:
@@ -183,7 +187,7 @@ def _methods(predictions: dict) -> list[str]:
 
 def plot_reliability(predictions: dict, path: Path, num_bins: int = 15) -> Path:
     labels = predictions["labels"]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_figure(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
     edges = np.linspace(0, 1, num_bins + 1)
     for name in _methods(predictions):
@@ -199,25 +203,25 @@ def plot_reliability(predictions: dict, path: Path, num_bins: int = 15) -> Path:
         ax.plot(xs, ys, "o-", ms=3, label=name)
     ax.set(xlabel="confidence (bins with ≥ 5 test samples)", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_coverage(predictions: dict, path: Path) -> Path:
     labels = predictions["labels"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = new_figure(figsize=(5.5, 4))
     for name in _methods(predictions):
         cov, acc = accuracy_coverage(predictions[name], labels)
         ax.plot(cov.numpy(), acc.numpy(), label=name)
     ax.set(xlabel="coverage (fraction kept, lowest predictive entropy first)", ylabel="accuracy on kept samples",
            title="Selective prediction", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_uncertainty_vs_error(summary: dict, path: Path) -> Path:
     ps = summary["per_sample"]
     correct = np.array(ps["correct"], dtype=bool)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = new_figure(1, 2, figsize=(9, 3.5))
     for ax, key, title in ((axes[0], "entropy", "predictive entropy (total)"),
                            (axes[1], "mutual_information", "mutual information (epistemic)")):
         values = np.array(ps[key])
@@ -227,7 +231,7 @@ def plot_uncertainty_vs_error(summary: dict, path: Path) -> Path:
         ax.set(xlabel=f"{title}, nats", ylabel="density")
         ax.legend(fontsize=8)
     fig.suptitle("VTVC uncertainty of correct vs wrong predictions (saved test samples)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def build_report(run_dir: str | Path) -> dict:

@@ -12,7 +12,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
-from .composition import Composer
+from ..compose.engine import Composer
 from .priors import Prior
 
 

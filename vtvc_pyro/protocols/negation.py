@@ -21,15 +21,17 @@ from dataclasses import dataclass
 import pyro
 import torch
 
-from .bank import load_bank
-from .baselines import predict_shared
-from .composition import Composer
-from .data.specs import load_dataset, with_validation
-from .errors import ConfigError
-from .guide import make_guide
-from .infer import SVIConfig, fit_svi, resolve_device
-from .model import VTVCModel
-from .priors import make_prior
+from ..bank.store import load_bank
+from ..bayes.guide import make_guide
+from ..bayes.model import VTVCModel
+from ..bayes.priors import make_prior
+from ..bayes.svi import fit_svi
+from ..compose.engine import Composer
+from ..config import NegationConfig
+from ..data.specs import load_dataset, with_validation
+from ..errors import ConfigError
+from ..io import resolve_device
+from ..methods.merges import predict_shared
 
 
 @dataclass
@@ -114,16 +116,16 @@ def negation_score(model: NegationModel, guide, val) -> float:
     return acc["control"] - acc["forget"]
 
 
-def run_negation(forget: str, control: str, bank_path: str, svi: SVIConfig, prior_args: dict | None = None,
-                 granularity: str = "block", device: str = "auto", progress: bool = False) -> dict:
+def run_negation(cfg: NegationConfig, progress: bool = False) -> dict:
     """Negate ``forget``'s own task vector, keeping ``control``: zero-shot, task arithmetic and VTVC.
 
     Returns:
         ``{"methods": {name: {"forget": acc, "control": acc}}, ...}`` on the test splits, with the
         chosen task-arithmetic λ and VTVC's mean λ on forget and control test samples.
     """
-    dev = resolve_device(device)
-    bank = load_bank(bank_path)
+    forget, control, svi, seed = cfg.forget, cfg.control, cfg.svi, cfg.seed
+    dev = resolve_device(cfg.device)
+    bank = load_bank(cfg.bank)
     if forget not in bank.vectors.tasks:
         raise ConfigError(f"the bank has no task vector for {forget!r} to negate; choose one of {bank.vectors.tasks}")
     seed = bank.manifest.get("config", {}).get("seed", 0)
@@ -145,13 +147,14 @@ def run_negation(forget: str, control: str, bank_path: str, svi: SVIConfig, prio
     lam_ta, ta_info = task_arithmetic_negation(shared, data["val"])
     methods["task_arithmetic"] = accuracies(shared, data["test"], lam_ta.to(dev))
 
-    composer = Composer(visual, vector, granularity)
-    prior = make_prior("spike_slab_negative", **(prior_args or {}))
+    composer = Composer(visual, vector, cfg.granularity)
+    prior = make_prior("spike_slab_negative", **cfg.prior_args)
     model = NegationModel(composer, heads[forget], heads[control], prior).to(dev)
-    pyro.set_rng_seed(svi.seed)
+    pyro.set_rng_seed(seed)
     guide = make_guide("amortized_gated", feature_dim=data["train"].forget[1].shape[1], num_tasks=1,
                        num_groups=composer.num_groups, prior=prior, gate_logit_init=2.0).to(dev)
-    fit = fit_svi(model, guide, data["train"].union(), data["val"].union(), svi, progress=progress, score=negation_score)
+    fit = fit_svi(model, guide, data["train"].union(), data["val"].union(), svi, progress=progress, score=negation_score,
+                  seed=seed)
     test = data["test"].union()
     methods["vtvc"] = split_accuracies(model, vtvc_logits(model, guide, test[0], test[1]), test[2])
     with torch.no_grad():

@@ -11,8 +11,10 @@ import logging
 import math
 import platform
 import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -20,63 +22,28 @@ from pathlib import Path
 import pyro
 import torch
 
-from . import baselines, distributed
-from .bank import DEFAULT_BANK, LoadedBank, build_embedded_bank, load_bank, write_json
-from .composition import GRANULARITIES, Composer
-from .data.benchmarks import clip_preprocess
-from .data.specs import load_dataset, with_validation
-from .data.suite import TaskData
-from .diagnostics import save_inference_data, to_inference_data
-from .errors import ConfigError
-from .evaluate import classification_metrics
-from .guide import make_guide
-from .infer import SVIConfig, fit_svi, mean_probs, resolve_device, sample_probs
-from .model import VTVCModel
-from .priors import make_prior
-from .low_rank import truncate_bank
-from .task_vectors import TaskVectorBank, atomic_save
+from .. import distributed
+from ..bank.low_rank import truncate_bank
+from ..bank.store import LoadedBank, build_embedded_bank, load_bank
+from ..bank.task_vectors import TaskVectorBank
+from ..bayes.guide import make_guide
+from ..bayes.model import VTVCModel
+from ..bayes.priors import make_prior
+from ..bayes.svi import fit_svi, mean_probs, sample_probs
+from ..compose.engine import Composer
+from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
+from ..data.benchmarks import clip_preprocess
+from ..data.specs import load_dataset, with_validation
+from ..data.suite import TaskData
+from ..diagnostics import save_inference_data, to_inference_data
+from ..errors import ConfigError
+from ..evaluate import classification_metrics
+from ..io import resolve_device, save_safetensors, write_json
+from ..methods import baselines
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "pyro-ppl", "open_clip_torch", "arviz", "xarray", "numpy", "safetensors")
-
-
-@dataclass
-class FitConfig:
-    """Every setting of a run (written to ``config.json``)."""
-
-    target: str = "mixed"
-    bank: str = str(DEFAULT_BANK)
-    prior: str = "spike_slab"
-    prior_args: dict = field(default_factory=dict)
-    guide: str = "amortized_gated"
-    granularity: str = "block"
-    tau0: float = 0.05
-    beta: float = 1.0
-    learn_threshold: bool = True
-    slab_mean_init: float = 0.3
-    gate_logit_init: float = 2.0
-    slab_logvar_init: float = -4.0
-    hidden: int | None = None
-    atlas_lr: float = 5e-2
-    baselines: list = field(default_factory=lambda: list(baselines.BASELINES))
-    low_rank: int = 0  # > 0: compose rank-R truncations of the task vectors (vtvc_pyro.low_rank)
-    eval_samples: int = 20
-    posterior_samples: int = 128
-    device: str = "auto"
-    svi: SVIConfig = field(default_factory=SVIConfig)
-
-    def validate(self) -> None:
-        self.svi.validate()
-        if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"unknown granularity {self.granularity!r}: use one of {GRANULARITIES}")
-        if self.eval_samples <= 0 or self.posterior_samples < 0:
-            raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
-        if self.low_rank < 0:
-            raise ConfigError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
-        unknown = [b for b in self.baselines if b not in baselines.BASELINES]
-        if unknown:
-            raise ConfigError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(baselines.BASELINES)}")
 
 
 def environment() -> dict:
@@ -93,7 +60,27 @@ def environment() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"packages": versions, "python": platform.python_version(), "platform": platform.platform(),
-            "git_commit": commit, "cuda": torch.cuda.is_available()}
+            "git_commit": commit, "cuda": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+
+
+def device_description(device: torch.device) -> str:
+    """``cpu`` or the GPU's name, e.g. ``cuda:0 (NVIDIA H200)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def read_run_config(run_dir: str | Path) -> tuple[dict, dict]:
+    """A run's ``config.json`` as ``(settings, record)``: the :class:`FitConfig` fields, and what the run recorded.
+
+    Raises:
+        ConfigError: ``run_dir`` holds no ``config.json``.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.json: pass the folder of a finished `vtvc fit` run")
+    settings = json.loads(path.read_text())
+    return {k: v for k, v in settings.items() if k != RUN_RECORD}, settings.get(RUN_RECORD, {})
 
 
 def prepare_output(out: Path, cfg_dict: dict, overwrite: bool = False, resume: bool = False) -> Path:
@@ -106,7 +93,7 @@ def prepare_output(out: Path, cfg_dict: dict, overwrite: bool = False, resume: b
         saved = out / "config.json"
         if not (out / "checkpoint.safetensors").is_file() or not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no checkpoint of a run; start it without --resume")
-        before = json.loads(saved.read_text())["fit"]
+        before, _ = read_run_config(out)
         changed = sorted(k for k in set(before) | set(cfg_dict) if before.get(k) != cfg_dict.get(k))
         if changed:
             raise ConfigError(f"--resume: the run in {out} used other settings ({', '.join(changed)}); "
@@ -142,7 +129,7 @@ class Target:
 
 def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
     """Load the bank and the target data; the target's own vector is held out of the composed tasks."""
-    if Path(cfg.bank) == DEFAULT_BANK and not (DEFAULT_BANK / "manifest.json").is_file():
+    if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
     full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
     data_seed = full.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
@@ -171,7 +158,7 @@ def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bo
         visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
         train=(target.data["train"][0], target.data["train"][2]), val=(target.data["val"][0], target.data["val"][2]),
         test_images=target.data["test"][0], own_vector=target.own_vector, steps=cfg.svi.steps,
-        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.svi.seed,
+        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.seed,
         progress=progress,
     )
     probs, info = {}, {}
@@ -196,23 +183,26 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     target = load_target(cfg, device, progress)
     bank, head, data, task, tasks = target.bank, target.head, target.data, target.task, target.tasks
 
-    fit_settings = json.loads(json.dumps({**asdict(cfg), "svi": asdict(cfg.svi)}))  # JSON-normalised
+    fit_settings = json.loads(json.dumps(asdict(cfg)))  # JSON-normalised
     out = prepare_output(Path(out), fit_settings, overwrite, resume)  # after every input is known to be usable
     if not resume:
-        write_json(out / "config.json", {
-            "fit": fit_settings,
+        # the settings at the top level (``vtvc fit --config config.json`` replays them); what the run
+        # found and where it ran under "run", which a replay ignores
+        write_json(out / "config.json", {**fit_settings, RUN_RECORD: {
+            "argv": sys.argv,
             "prior_settings": prior.settings(),
             "tasks": tasks,
             "bank_fingerprint": bank.manifest["base_fingerprint"],
             "data_seed": target.data_seed,
+            "device": device_description(device),
             "environment": environment(),
-        })
+        }})
 
     test_x, test_f, test_y = data["test"]
-    methods, extra = run_baselines(cfg, target, cfg.baselines, progress)
+    methods, extra = run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress)
 
     composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
-    pyro.set_rng_seed(cfg.svi.seed)  # the guide's initial weights depend on the seed alone
+    pyro.set_rng_seed(cfg.seed)  # the guide's initial weights depend on the seed alone
     model = VTVCModel(composer, head, prior).to(device)
     guide = make_guide(
         cfg.guide, feature_dim=test_f.shape[1], num_tasks=composer.num_tasks, num_groups=composer.num_groups,
@@ -221,10 +211,10 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     ).to(device)
     svi_start = time.time()
     fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "checkpoint.safetensors",
-                  resume=resume, progress=progress)
-    atomic_save(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
+                  resume=resume, progress=progress, seed=cfg.seed)
+    save_safetensors(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
     probs_s, lam_s, gate_s = sample_probs(model, guide, test_x, test_f, cfg.eval_samples, cfg.svi.eval_temperature,
-                                          generator_seed=cfg.svi.seed)
+                                          generator_seed=cfg.seed)
     methods["vtvc"] = probs_s.mean(0)
     methods["vtvc_mean"] = mean_probs(model, guide, test_x, test_f)
     vtvc_seconds = time.time() - svi_start
@@ -244,7 +234,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
               "vtvc_seconds": round(vtvc_seconds, 2), "total_seconds": round(time.time() - start, 2)}
     write_json(out / "timing.json", timing)
     metrics["timing"] = timing
-    atomic_save({**{name: p.float() for name, p in methods.items()}, "labels": test_y}, out / "predictions.safetensors")
+    save_safetensors({**{name: p.float() for name, p in methods.items()}, "labels": test_y}, out / "predictions.safetensors")
 
     keep = min(cfg.posterior_samples, len(test_y))
     idata = to_inference_data(
@@ -253,6 +243,40 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     )
     save_inference_data(idata, out / "posterior.nc")
     return metrics
+
+
+def plan_fit(cfg: FitConfig) -> dict:
+    """What ``run_fit(cfg)`` would use, resolved without writing anything (``vtvc fit --dry_run``).
+
+    Returns:
+        ``{"device", "bank", "target", "splits", "tasks", "coefficients", "composition", "baselines", ...}``;
+        where the embedded bank is not built yet, the parts that need it say so.
+    """
+    cfg.validate()
+    make_prior(cfg.prior, **cfg.prior_args)  # unknown names and bad arguments fail here, as in a run
+    device = resolve_device(cfg.device)
+    plan = {"device": device_description(device), "bank": str(cfg.bank), "target": cfg.target,
+            "prior": cfg.prior, "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
+            "svi": f"{cfg.svi.steps} steps of batch {cfg.svi.batch_size}, seed {cfg.seed}"}
+    if not (Path(cfg.bank) / "manifest.json").is_file():
+        if Path(cfg.bank) != Path(DEFAULT_BANK):
+            raise ConfigError(f"{cfg.bank} holds no bank (manifest.json): build or import one, or pass --bank")
+        plan["bank"] += " (not built yet: the fit builds it first, about 3 minutes on 2 cores)"
+        task = with_validation(load_dataset(cfg.target, 0), 0)
+        plan["splits"] = {split: len(task.split(split)[1]) for split in ("train", "val", "test")}
+        return plan
+    target = load_target(cfg, torch.device("cpu"))
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    plan.update({
+        "arch": target.bank.arch,
+        "splits": {split: len(target.data[split][2]) for split in ("train", "val", "test")},
+        "classes": len(target.task.class_names),
+        "tasks": target.tasks,
+        "coefficients": f"{composer.num_tasks} tasks x {composer.num_groups} {cfg.granularity} groups per image",
+        "composition": dict(Counter(composer.plan().values())),
+        "own_vector_held_out": target.own_vector is not None,
+    })
+    return plan
 
 
 def format_table(metrics: dict) -> str:

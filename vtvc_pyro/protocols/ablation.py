@@ -15,60 +15,35 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .bank import write_json
-from .baselines import BASELINES, SEEDED_BASELINES
-from .errors import ConfigError
-from .evaluate import classification_metrics
-from .guide import GUIDES
-from .infer import SVIConfig, resolve_device
-from .pipeline import FitConfig, load_target, run_baselines, run_fit
-from .priors import PRIORS
-from .report import _save, plt
+from ..bayes.guide import GUIDES
+from ..bayes.priors import PRIORS
+from ..config import ALL_BASELINES, FitConfig, GridConfig, SVIConfig
+from ..errors import ConfigError
+from ..evaluate import classification_metrics
+from ..io import atomic_write, resolve_device, write_json
+from ..methods.baselines import BASELINES, SEEDED_BASELINES
+from ..report import new_figure, save_figure
+from .transfer import load_target, run_baselines, run_fit
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "nll", "ece", "brier")
-VTVC_VARIANTS = (
-    # priors under the default guide
-    *(f"vtvc/{p}/amortized_gated" for p in ("spike_slab", "spike_slab_continuous", "task_spike_slab", "gaussian",
-                                            "laplace", "horseshoe")),
-    # guides under the default prior
-    "vtvc/spike_slab/amortized", "vtvc/spike_slab/global",
-)
-DEFAULT_METHODS = (*BASELINES, *VTVC_VARIANTS)
-QUICK_METHODS = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "vtvc/spike_slab/amortized_gated",
-                 "vtvc/gaussian/global")
 
 
-@dataclass
-class GridConfig:
-    """What the grid runs. ``steps`` etc. apply to every learned method (VTVC, aTLAS, AdaMerging)."""
-
-    targets: list = field(default_factory=lambda: ["mixed"])
-    methods: list = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 600
-    eval_every: int = 50
-    eval_samples: int = 20
-    bank: str | None = None
-    device: str = "auto"
-
-    @classmethod
-    def quick(cls, **overrides) -> GridConfig:
-        """The smoke grid (under a minute on 2 cores): one target, one seed, 30 steps."""
-        return cls(**{"methods": list(QUICK_METHODS), "seeds": [0], "steps": 30, "eval_every": 15,
-                      "eval_samples": 4, **overrides})
-
-    def validate(self) -> None:
-        for method in self.methods:
-            parse_method(method)
-        if not self.targets or not self.seeds or not self.methods:
-            raise ConfigError("the grid needs at least one target, method and seed")
+def expand_methods(methods: list[str]) -> list[str]:
+    """The grid's methods with ``all`` replaced by every registered baseline, each checked (see :func:`parse_method`)."""
+    out = []
+    for method in methods:
+        for name in (BASELINES if method == ALL_BASELINES else [method]):
+            parse_method(name)
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def parse_method(method: str) -> tuple[str, str | None, str | None]:
@@ -86,7 +61,7 @@ def cells(grid: GridConfig) -> list[tuple[str, str, int]]:
     """Every ``(target, method, seed)``; seed-independent baselines run once (seed 0 of the grid)."""
     out = []
     for target in grid.targets:
-        for method in grid.methods:
+        for method in expand_methods(grid.methods):
             kind = parse_method(method)[0]
             seeds = grid.seeds if kind == "vtvc" or method in SEEDED_BASELINES else grid.seeds[:1]
             out.extend((target, method, seed) for seed in seeds)
@@ -118,10 +93,9 @@ def prepare_grid_folder(out: Path, grid: GridConfig, overwrite: bool = False) ->
 
 def _fit_config(grid: GridConfig, target: str, seed: int, prior: str = "spike_slab", guide: str = "amortized_gated",
                 baselines: list | None = None) -> FitConfig:
-    svi = SVIConfig(steps=grid.steps, eval_every=grid.eval_every, checkpoint_every=max(grid.steps, 1), seed=seed)
-    cfg = FitConfig(target=target, prior=prior, guide=guide, eval_samples=grid.eval_samples, device=grid.device, svi=svi,
-                    baselines=baselines or [])
-    return replace(cfg, bank=grid.bank) if grid.bank else cfg
+    svi = SVIConfig(steps=grid.steps, eval_every=grid.eval_every, checkpoint_every=max(grid.steps, 1))
+    return FitConfig(target=target, bank=grid.bank, prior=prior, guide=guide, eval_samples=grid.eval_samples,
+                     device=grid.device, seed=seed, svi=svi, baselines=baselines or [])
 
 
 def run_cell(grid: GridConfig, out: Path, target: str, method: str, seed: int, targets_cache: dict) -> dict:
@@ -202,19 +176,23 @@ def summarize_cells(records: list[dict], out: Path) -> list[dict]:
     """Write ``ablation.csv`` (one row per cell), ``ablation.md`` (mean ± sd) and ``ablation.png``."""
     out = Path(out)
     rows = [r for r in records if not r.get("skipped")]
-    with open(out / "ablation.csv.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["target", "method", "seed", *METRICS, "seconds", "wall_seconds"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in writer.fieldnames})
-    (out / "ablation.csv.tmp").replace(out / "ablation.csv")
+    fields = ["target", "method", "seed", *METRICS, "seconds", "wall_seconds"]
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in fields} for r in rows)
+
+    atomic_write(out / "ablation.csv", write_csv)
     table = aggregate(records)
     lines = ["| target | method | accuracy (%) | NLL | ECE (%) | wall (s) | seeds |", "|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['target']} | {r['method']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_sd']:.1f} | "
                      f"{r['nll']:.3f} ± {r['nll_sd']:.3f} | {100 * r['ece']:.1f} ± {100 * r['ece_sd']:.1f} | "
                      f"{r['seconds']:.1f} | {r['n']} |")
-    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "ablation.md", lambda tmp: tmp.write_text(text))
     plot_ablation(table, out / "ablation.png")
     return table
 
@@ -222,7 +200,7 @@ def summarize_cells(records: list[dict], out: Path) -> list[dict]:
 def plot_ablation(table: list[dict], path: Path) -> Path:
     """Accuracy (mean ± sd over seeds) per method, one panel per target."""
     targets = list(dict.fromkeys(r["target"] for r in table))
-    fig, axes = plt.subplots(1, len(targets), figsize=(6 * len(targets), 0.35 * max(8, len(table) / len(targets)) + 1.5),
+    fig, axes = new_figure(1, len(targets), figsize=(6 * len(targets), 0.35 * max(8, len(table) / len(targets)) + 1.5),
                              squeeze=False)
     for ax, target in zip(axes[0], targets):
         rows = [r for r in table if r["target"] == target]
@@ -233,4 +211,4 @@ def plot_ablation(table: list[dict], path: Path) -> Path:
         ax.invert_yaxis()
         ax.set_xlabel("test accuracy (%)")
         ax.set_title(target)
-    return _save(fig, path)
+    return save_figure(fig, path)

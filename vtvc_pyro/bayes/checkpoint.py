@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
-from .errors import VTVCError
-from .task_vectors import atomic_save
+from ..errors import VTVCError
+from ..io import save_safetensors
 
 FORMAT = "vtvc-svi-checkpoint/1"
 
@@ -40,7 +40,7 @@ def save_training_state(path: Path, step: int, guide: torch.nn.Module, best_stat
         "scheduler": json.dumps(sched.state_dict()),
         "history": json.dumps(history),
     }
-    atomic_save(tensors, path, meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load_training_state(path: Path, guide: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> dict:

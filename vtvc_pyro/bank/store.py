@@ -17,56 +17,34 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, safe_open
 from tqdm.auto import tqdm
 
-from . import backbone, training
-from .data import specs, suite
-from .data.suite import TaskData
-from .errors import BankError
-from .task_vectors import TaskVector, TaskVectorBank, atomic_save, fingerprint
+from .. import backbone
+from ..config import DEFAULT_BANK, BuildConfig
+from ..data import specs, suite
+from ..data.suite import TaskData
+from ..errors import BankError
+from ..io import fingerprint, save_safetensors, write_json
+from . import training
+from .task_vectors import TaskVector, TaskVectorBank
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BANK = Path(os.environ.get("VTVC_BANK", "banks/embedded"))
-
-
-@dataclass
-class BuildConfig:
-    """Settings of the embedded bank (defaults build in about 2.5 minutes on 2 CPU cores)."""
-
-    arch: str = backbone.TINY_MODEL
-    seed: int = 0
-    pretrain_steps: int = 1000
-    pretrain_lr: float = 2e-3
-    finetune_steps: int = 200
-    finetune_lr: float = 1e-3
-    batch_size: int = 128
-    tasks: tuple[str, ...] = suite.SOURCES
-    dtype: str = "float32"
-
-
-def write_json(path: Path, obj) -> None:
-    """JSON through a temporary name and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | None = None, progress: bool = True) -> Path:
+def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | None = None, progress: bool = True,
+                        overwrite: bool = False) -> Path:
     """Pretrain the tiny CLIP, fine-tune every source task, write the bank folder.
 
-    A complete bank already at ``out`` (its manifest exists) is reused as it is.
+    A complete bank already at ``out`` (its manifest exists) is reused as it is, unless ``overwrite``.
     """
     out = Path(out)
-    cfg = config or BuildConfig()
-    if (out / "manifest.json").is_file():
+    cfg = replace(config or BuildConfig(), tasks=list((config and config.tasks) or suite.SOURCES))
+    if (out / "manifest.json").is_file() and not overwrite:
         log.info("reusing bank %s", out)
         return out
     start = time.time()
@@ -80,7 +58,7 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
     base_visual = backbone.image_tower_params(model)
     fp = fingerprint(base_visual)
     (out / "task_vectors").mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), out / "base.safetensors", {"arch": cfg.arch, "base_fingerprint": fp})
+    save_safetensors(model.state_dict(), out / "base.safetensors", {"arch": cfg.arch, "base_fingerprint": fp})
 
     heads, tasks_info = {}, {}
     for name in tqdm(cfg.tasks, desc="fine-tune tasks", disable=not progress):
@@ -108,12 +86,12 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
         task = specs.load_dataset(name, cfg.seed)
         heads[name] = backbone.zero_shot_head(model, cfg.arch, task.class_names, task.templates)
         targets_info[name] = {"zeroshot_accuracy": round(training.accuracy(model, heads[name], *task.split("test")), 4)}
-    atomic_save(heads, out / "heads.safetensors")
+    save_safetensors(heads, out / "heads.safetensors")
     manifest = {
         "format": "vtvc-bank/1",
         "arch": cfg.arch,
         "base_fingerprint": fp,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
+        "config": asdict(cfg),
         "pretrain_final_loss": round(sum(losses[-20:]) / 20, 4),
         "tasks": tasks_info,
         "targets": targets_info,
@@ -150,7 +128,7 @@ class LoadedBank:
         another model. Streamed splits (benchmarks) go through a ``DataLoader``, sharded over the
         ranks of a ``torch.distributed`` run; rank 0 writes the file.
         """
-        from . import distributed
+        from .. import distributed
 
         images, _ = task.split(split)
         key = (spec or task.name).replace("/", "_").replace(":", "_").replace("@", "_")
@@ -167,7 +145,7 @@ class LoadedBank:
         else:
             feats = distributed.streamed_features(self.model, images)
         if distributed.is_main():
-            atomic_save({"features": feats}, path, {"base_fingerprint": fp, "split": split, "spec": spec or task.name})
+            save_safetensors({"features": feats}, path, {"base_fingerprint": fp, "split": split, "spec": spec or task.name})
         return feats
 
 
@@ -334,7 +312,7 @@ def import_bank(
     Returns:
         the bank folder (``manifest.json`` written last).
     """
-    from .data.benchmarks import BENCHMARKS
+    from ..data.benchmarks import BENCHMARKS
 
     out = Path(out)
     if (out / "manifest.json").exists() and not overwrite:
@@ -363,7 +341,7 @@ def import_bank(
     base_visual = backbone.image_tower_params(model)
     fp = fingerprint(base_visual)
     (out / "task_vectors").mkdir(parents=True, exist_ok=True)
-    atomic_save(model.state_dict(), out / "base.safetensors", {"arch": arch, "base_fingerprint": fp})
+    save_safetensors(model.state_dict(), out / "base.safetensors", {"arch": arch, "base_fingerprint": fp})
     tasks_info = {}
     for name, path in tqdm(sorted(finetuned.items()), desc="import", disable=not progress):
         bench = BENCHMARKS.get(name)

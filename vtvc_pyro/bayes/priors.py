@@ -20,7 +20,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 PRIORS: dict[str, type["Prior"]] = {}
 

@@ -14,110 +14,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from . import distributed
+from .. import distributed
+from ..config import SVIConfig
+from ..data.batches import MinibatchSampler
+from ..errors import ConfigError, FitInterrupted, NumericalError
 from .checkpoint import load_training_state, save_training_state
-from .errors import ConfigError, FitInterrupted, NumericalError
 from .guide import AmortizedGatedGuide
 from .model import VTVCModel
 
 log = logging.getLogger(__name__)
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
-
-
-class MinibatchSampler:
-    """Shuffled mini-batches epoch by epoch (no sample repeats within an epoch); its state can be saved.
-
-    Usage::
-
-        sampler = MinibatchSampler(200, 64, seed=0)
-        idx = sampler.next()        # [64] indices
-    """
-
-    def __init__(self, num_data: int, batch_size: int, seed: int):
-        if batch_size <= 0 or num_data <= 0:
-            raise ConfigError(f"need batch_size > 0 and data; got batch_size={batch_size}, n={num_data}")
-        self.num_data, self.batch_size = num_data, min(batch_size, num_data)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.perm = torch.randperm(num_data, generator=self.generator)
-        self.pos = 0
-
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.num_data:
-            self.perm, self.pos = torch.randperm(self.num_data, generator=self.generator), 0
-        self.pos += self.batch_size
-        return self.perm[self.pos - self.batch_size : self.pos]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": torch.tensor(self.pos)}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-        self.perm, self.pos = state["perm"], int(state["pos"])
-
-
-def minibatch_indices(num_data: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """``steps`` mini-batches of indices from a :class:`MinibatchSampler`."""
-    if steps <= 0:
-        raise ConfigError(f"steps must be > 0, got {steps}")
-    sampler = MinibatchSampler(num_data, batch_size, seed)
-    for _ in range(steps):
-        yield sampler.next()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu or auto")
-    if name not in {"cpu"} and not name.startswith("cuda"):
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
-    return torch.device(name)
-
-
-@dataclass
-class SVIConfig:
-    """SVI settings (defaults: the embedded default run)."""
-
-    steps: int = 600
-    batch_size: int = 64
-    lr: float = 5e-3
-    weight_decay: float = 0.01
-    kl_weight: float = 0.1
-    kl_reduction: str = "mean"
-    kl_anneal_steps: int = 0
-    num_particles: int = 1
-    accumulate: int = 1  # micro-batches per step (gradient accumulation; same ELBO, less memory)
-    elbo: str = "trace"
-    clip_norm: float = 1.0
-    train_temperature: float = 0.1
-    eval_temperature: float = 0.01
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    skip_nonfinite: bool = False
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.elbo not in ELBOS:
-            raise ConfigError(f"unknown ELBO {self.elbo!r}: use one of {sorted(ELBOS)}")
-        for name in ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every", "accumulate"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("lr", "train_temperature", "eval_temperature"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.kl_reduction not in ("mean", "sum"):
-            raise ConfigError(f"kl_reduction must be 'mean' or 'sum', got {self.kl_reduction!r}")
-        if not self.kl_weight > 0:
-            raise ConfigError(f"kl_weight must be > 0 (Pyro cannot scale a site by 0), got {self.kl_weight}")
 
 
 @dataclass
@@ -214,6 +128,7 @@ def fit_svi(
     resume: bool = False,
     progress: bool = True,
     score: Callable | None = None,
+    seed: int = 0,
 ) -> FitResult:
     """Fit the guide by SVI; on return the guide holds the best-on-val state.
 
@@ -223,6 +138,7 @@ def fit_svi(
             history) is written there every ``checkpoint_every`` steps and on SIGINT/SIGTERM.
         resume: continue from ``checkpoint_path``; with the same seed the result equals an
             uninterrupted fit's.
+        seed: seeds Pyro, the mini-batch order and the posterior draws.
         score: ``score(model, guide, val) -> float``, higher is better, selects the best state
             (default: val accuracy of the gated mean coefficients); recorded as ``val_accuracy``.
 
@@ -232,13 +148,13 @@ def fit_svi(
         FitInterrupted: SIGINT/SIGTERM arrived; the checkpoint holds the last finished step.
     """
     cfg.validate()
-    pyro.set_rng_seed(cfg.seed)
+    pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     images, features, labels = train
     multi = distributed.active()  # torchrun: data parallel over the guide (see vtvc_pyro.distributed)
     if multi:
         distributed.broadcast_module(guide)
-        torch.manual_seed(cfg.seed + 7919 * distributed.rank())  # independent posterior draws per rank
+        torch.manual_seed(seed + 7919 * distributed.rank())  # independent posterior draws per rank
         if cfg.batch_size % distributed.world_size():
             log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
                         cfg.batch_size, distributed.world_size())
@@ -253,7 +169,7 @@ def fit_svi(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    sampler = MinibatchSampler(len(images), cfg.batch_size, cfg.seed)
+    sampler = MinibatchSampler(len(images), cfg.batch_size, seed)
     result = FitResult()
     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     first = 1
@@ -268,7 +184,7 @@ def fit_svi(
         first = saved["step"] + 1
         log.info("resuming at step %d", first)
         if multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
-            torch.manual_seed(cfg.seed + 7919 * distributed.rank() + first)
+            torch.manual_seed(seed + 7919 * distributed.rank() + first)
 
     def save(step: int) -> None:
         if not distributed.is_main():

@@ -6,10 +6,8 @@ image tower, keyed by its ``visual``-relative name (``transformer.resblocks.0.ml
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,33 +15,15 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from .errors import BankError
+from ..errors import BankError
+from ..io import fingerprint, save_safetensors
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vtvc-task-vector/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def fingerprint(params: Mapping[str, torch.Tensor]) -> str:
-    """A short SHA-256 of names, shapes and float32 bytes of ``params`` (identifies a base model)."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        t = params[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors`` save through a temporary name and a rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 def read_with_metadata(path: Path, what: str, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -124,7 +104,7 @@ class TaskVector:
             "class_names": json.dumps(list(self.class_names)),
             "dtype": dtype,
         }
-        atomic_save({k: v.to(DTYPES[dtype]) for k, v in self.deltas.items()}, path, meta)
+        save_safetensors({k: v.to(DTYPES[dtype]) for k, v in self.deltas.items()}, path, meta)
 
     @classmethod
     def load(

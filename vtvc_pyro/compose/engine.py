@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .errors import ConfigError
-from .low_rank import LowRankBank
-from .task_vectors import TaskVectorBank
+from ..bank.low_rank import LowRankBank
+from ..bank.task_vectors import TaskVectorBank
+from ..errors import ConfigError
 
 GRANULARITIES = ("block", "layer", "task")
 STRATEGIES = ("auto", "lowrank", "materialize", "linear")

@@ -27,14 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import BankError, ConfigError
-from .task_vectors import (
-    DTYPES,
-    TaskVectorBank,
-    atomic_save,
-    fingerprint,
-    read_with_metadata,
-)
+from ..errors import BankError, ConfigError
+from ..io import fingerprint, save_safetensors
+from .task_vectors import DTYPES, TaskVectorBank, read_with_metadata
 
 FORMAT = "vtvc-low-rank-bank/1"
 #: blocks that are 2-D or more but are added, not multiplied with the tokens
@@ -197,7 +192,7 @@ def save_low_rank(bank: LowRankBank, path: str | Path) -> None:
         "shapes": json.dumps({k: list(s) for k, s in bank.shapes.items()}),
         "ranks": json.dumps(bank.ranks), "kept_energy": json.dumps(bank.kept_energy),
     }
-    atomic_save(tensors, path, meta)
+    save_safetensors(tensors, path, meta)
 
 
 def load_low_rank(path: str | Path, base: Mapping[str, torch.Tensor]) -> LowRankBank:
@@ -241,53 +236,3 @@ def relative_error(low: LowRankBank, full: TaskVectorBank) -> float:
         num += float((low.block_delta(name).float() - ref).square().sum())
         den += float(ref.square().sum())
     return math.sqrt(num / max(den, 1e-300))
-
-
-@torch.no_grad()
-def truncation_report(loaded, ranks: Iterable[int] = (2, 4, 8, 16), energies: Iterable[float] = (),
-                      targets: Iterable[str] | None = None, seed: int | None = None) -> list[dict]:
-    """Accuracy cost of truncating a bank's task vectors, by cheap measures on its own data.
-
-    For the full bank and each rank (or kept energy): each source task's accuracy with its own
-    vector at λ = 1 (its fine-tuned accuracy when untruncated) and the mean over the sources; task
-    arithmetic over all vectors on each held-out target (λ chosen on val, accuracy on test); the
-    relative Frobenius error of the vectors and their storage.
-
-    Args:
-        loaded: a :class:`~vtvc_pyro.bank.LoadedBank`.
-        targets: held-out targets for task arithmetic (default: the embedded suite's).
-
-    Returns:
-        one dict per setting (``full``, ``r=R``, ``energy=E``).
-    """
-    from . import baselines
-    from .composition import Composer
-    from .data import specs, suite
-    from .data.specs import with_validation
-
-    seed = loaded.manifest.get("config", {}).get("seed", 0) if seed is None else seed
-    visual, full = loaded.model.visual, loaded.vectors
-    sources = {t: specs.load_dataset(t, seed) for t in full.tasks}
-    held_out = {t: with_validation(specs.load_dataset(t, seed), seed) for t in (suite.TARGETS if targets is None else targets)}
-    settings = [("full", full), *((f"r={r}", truncate_bank(full, rank=r)) for r in ranks),
-                *((f"energy={e}", truncate_bank(full, energy=e)) for e in energies)]
-    rows = []
-    for label, bank in settings:
-        row = {"setting": label, "storage_mib": round(bank.storage_bytes() / 2**20, 3),
-               "relative_error": 0.0 if bank is full else round(relative_error(bank, full), 4), "source_accuracy": {}}
-        for name, task in sources.items():
-            x, y = task.split("test")
-            composer = Composer(visual, bank.select([name]), "task")
-            probs = baselines.predict_shared(composer, loaded.head_for(task), x, torch.ones(1, 1))
-            row["source_accuracy"][name] = round(float((probs.argmax(-1) == y).float().mean()), 4)
-        row["mean_source_accuracy"] = round(sum(row["source_accuracy"].values()) / len(sources), 4)
-        row["task_arithmetic_accuracy"] = {}
-        composer = Composer(visual, bank, "task")
-        for name, task in held_out.items():
-            head = loaded.head_for(task)
-            lam, _ = baselines.task_arithmetic(composer, head, task.split("val"))
-            x, y = task.split("test")
-            probs = baselines.predict_shared(composer, head, x, lam)
-            row["task_arithmetic_accuracy"][name] = round(float((probs.argmax(-1) == y).float().mean()), 4)
-        rows.append(row)
-    return rows

@@ -27,7 +27,7 @@ from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions.utils import clamp_probs
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .priors import Prior, Site
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import tokenizer_for
-from .data import suite
+from ..backbone import tokenizer_for
+from ..data import suite
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .composition import Composer
-from .errors import ConfigError
-from .task_vectors import TaskVectorBank, atomic_save
+from ..bank.store import LoadedBank, load_bank
+from ..bank.task_vectors import TaskVectorBank
+from ..bayes.guide import make_guide
+from ..bayes.priors import make_prior
+from ..compose.engine import Composer
+from ..data.benchmarks import clip_preprocess
+from ..data.specs import load_dataset, with_validation
+from ..errors import ConfigError
+from ..io import save_safetensors
+from .transfer import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +71,7 @@ def export_composed(path: str | Path, model: torch.nn.Module, bank: TaskVectorBa
         "lam": json.dumps([[round(float(v), 7) for v in row] for row in lam.detach().cpu()]),
         **{k: str(v) for k, v in (metadata or {}).items()},
     }
-    atomic_save(composed_state_dict(model, bank, lam, granularity), path, meta)
+    save_safetensors(composed_state_dict(model, bank, lam, granularity), path, meta)
     log.info("wrote composed %s model to %s", bank.arch, path)
     return path
 
@@ -84,14 +91,11 @@ def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, 
 
 def load_guide_from_run(run_dir: str | Path, feature_dim: int, num_tasks: int, num_groups: int) -> torch.nn.Module:
     """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``)."""
-    from .guide import make_guide
-    from .priors import make_prior
-
     run_dir = Path(run_dir)
-    config_path, guide_path = run_dir / "config.json", run_dir / "guide.safetensors"
-    if not config_path.is_file() or not guide_path.is_file():
-        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run scripts/svi_fit.py first")
-    fit = json.loads(config_path.read_text())["fit"]
+    guide_path = run_dir / "guide.safetensors"
+    if not (run_dir / "config.json").is_file() or not guide_path.is_file():
+        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run `vtvc fit` first")
+    fit, _ = read_run_config(run_dir)
     guide = make_guide(
         fit["guide"], feature_dim=feature_dim, num_tasks=num_tasks, num_groups=num_groups,
         prior=make_prior(fit["prior"], **fit.get("prior_args", {})), hidden=fit.get("hidden"), tau0=fit["tau0"],
@@ -107,17 +111,11 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
     Returns:
         ``{"path", "arch", "tasks", "lam"}``.
     """
-    from .bank import LoadedBank, load_bank
-    from .data.benchmarks import clip_preprocess
-    from .data.specs import load_dataset, with_validation
-
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else None
-    if config is None:
-        raise ConfigError(f"{run_dir} holds no config.json: pass the folder of a finished scripts/svi_fit.py run")
-    fit, tasks = config["fit"], config["tasks"]
+    fit, record = read_run_config(run_dir)
+    tasks = record["tasks"]
     full = load_bank(fit["bank"])
-    seed = config.get("data_seed", 0)
+    seed = record.get("data_seed", 0)
     task = with_validation(load_dataset(fit["target"], seed, preprocess=clip_preprocess(full.model)), seed)
     bank = LoadedBank(full.path, full.manifest, full.model, full.vectors.select(tasks), full.heads)
     features = bank.features(task, split, fit["target"])

@@ -1,0 +1,1 @@
+"""The Pyro program: priors, the composition model, guides, SVI and its checkpoints."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the composition engine (speed) and of one SVI step (memory); `vtvc bench composition|memory`."""

@@ -1,0 +1,322 @@
+"""Every setting of every command, as dataclasses: the one source of the command line's flags.
+
+This module imports nothing heavy (no torch), so that ``vtvc --help`` answers at once: the command
+line (:mod:`vtvc_pyro.cli`) generates its flags, defaults and help from these classes, and a run's
+``config.json`` is one of them written as JSON, which ``vtvc fit --config`` reads back.
+
+Names that live in registries (priors, guides, baselines) are plain strings here and are checked
+where the registry is, when a command runs; ``vtvc fit --list_priors`` etc. list them.
+
+Usage::
+
+    from vtvc_pyro.config import FitConfig, SVIConfig
+    cfg = FitConfig(target="rot-noise", svi=SVIConfig(steps=300))
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .errors import ConfigError
+
+DEFAULT_BANK = os.environ.get("VTVC_BANK", "banks/embedded")
+"""Where the embedded bank is built on first use (``$VTVC_BANK`` overrides it)."""
+
+RUN_RECORD = "run"
+"""The block of a run's ``config.json`` that holds what the run recorded (argv, device, versions), not settings."""
+
+TINY_MODEL = "vtvc-tiny"
+"""The embedded open_clip architecture (``vtvc_pyro/model_configs/vtvc-tiny.json``)."""
+
+Granularity = Literal["block", "layer", "task"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+
+ALL_BASELINES = "all"
+"""In a list of baselines: every registered baseline (``vtvc fit --list_baselines``)."""
+
+VTVC_VARIANTS = (
+    # priors under the default guide
+    *(f"vtvc/{p}/amortized_gated" for p in ("spike_slab", "spike_slab_continuous", "task_spike_slab", "gaussian",
+                                            "laplace", "horseshoe")),
+    # guides under the default prior
+    "vtvc/spike_slab/amortized", "vtvc/spike_slab/global",
+)
+DEFAULT_METHODS = (ALL_BASELINES, *VTVC_VARIANTS)
+QUICK_METHODS = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "vtvc/spike_slab/amortized_gated",
+                 "vtvc/gaussian/global")
+
+
+def _positive(obj, names: tuple[str, ...], strict: bool = True) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not (value > 0 if strict else value >= 0):
+            raise ConfigError(f"{name} must be {'>' if strict else '>='} 0, got {value}")
+
+
+@dataclass
+class SVIConfig:
+    """SVI settings (defaults: the embedded default run).
+
+    Args:
+        steps: optimiser steps.
+        batch_size: images per step.
+        lr: AdamW learning rate (cosine schedule to 0).
+        weight_decay: AdamW weight decay of the guide's weight matrices.
+        kl_weight: scale of the latent sites' log densities (1 with kl_reduction=sum is the plain ELBO).
+        kl_reduction: mean divides kl_weight by the T·G coefficients per image (authors' code); sum does not.
+        kl_anneal_steps: ramp the KL weight linearly from 0 over this many steps (0: no annealing).
+        num_particles: ELBO particles per step (vectorized when > 1).
+        accumulate: micro-batches per step (gradient accumulation: same ELBO, less memory).
+        elbo: trace (Monte Carlo KL) or meanfield (analytic KL where Pyro has one).
+        clip_norm: gradient-norm clipping.
+        train_temperature: relaxed-Bernoulli temperature of the gates in training.
+        eval_temperature: relaxed-Bernoulli temperature of the gates in the predictive.
+        eval_every: steps between val scores (the best-on-val state is kept).
+        checkpoint_every: steps between checkpoints (also written on SIGINT/SIGTERM).
+        skip_nonfinite: skip steps whose loss or gradient is NaN/Inf instead of stopping.
+    """
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    kl_weight: float = 0.1
+    kl_reduction: Literal["mean", "sum"] = "mean"
+    kl_anneal_steps: int = 0
+    num_particles: int = 1
+    accumulate: int = 1
+    elbo: Literal["trace", "meanfield"] = "trace"
+    clip_norm: float = 1.0
+    train_temperature: float = 0.1
+    eval_temperature: float = 0.01
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    skip_nonfinite: bool = False
+
+    def validate(self) -> None:
+        _positive(self, ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every", "accumulate", "lr",
+                         "train_temperature", "eval_temperature", "clip_norm"))
+        _positive(self, ("weight_decay", "kl_anneal_steps"), strict=False)
+        if self.elbo not in ("trace", "meanfield"):
+            raise ConfigError(f"unknown ELBO {self.elbo!r}: use trace or meanfield")
+        if self.kl_reduction not in ("mean", "sum"):
+            raise ConfigError(f"kl_reduction must be 'mean' or 'sum', got {self.kl_reduction!r}")
+        if not self.kl_weight > 0:
+            raise ConfigError(f"kl_weight must be > 0 (Pyro cannot scale a site by 0), got {self.kl_weight}")
+
+
+@dataclass
+class FitConfig:
+    """Every setting of a fit (written to the run's ``config.json``).
+
+    Args:
+        target: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
+        bank: bank folder (the embedded one is built on first use).
+        prior: prior name (vtvc fit --list_priors).
+        prior_args: prior arguments, e.g. {pi: 0.3, slab_scale: 1.0}.
+        guide: guide name (vtvc fit --list_guides).
+        granularity: one coefficient per (task, block), per (task, layer) or per task.
+        tau0: keep-rule threshold base.
+        beta: keep-rule threshold slope in the uncertainty.
+        learn_threshold: learn tau0 and beta.
+        slab_mean_init: initial slab mean of every coefficient (0.3: AdaMerging's start).
+        gate_logit_init: initial gate logit (2.0: components start mostly kept).
+        slab_logvar_init: initial slab log-variance.
+        hidden: hidden width of the guide's heads (null: max(D // 4, T·G), the authors' rule).
+        atlas_lr: learning rate of the aTLAS-style shared coefficients.
+        baselines: baselines to run beside VTVC ([all]: every registered one; []: none).
+        low_rank: compose rank-R truncated SVDs of the task vectors (0: full rank).
+        eval_samples: posterior draws of the Monte Carlo predictive.
+        posterior_samples: test images whose per-image posterior posterior.nc keeps.
+        device: auto, cpu or cuda[:N].
+        seed: seed of the guide's initialisation, the mini-batches, the posterior draws and the learned baselines.
+        svi: SVI settings.
+    """
+
+    target: str = "mixed"
+    bank: str = DEFAULT_BANK
+    prior: str = "spike_slab"
+    prior_args: dict = field(default_factory=dict)
+    guide: str = "amortized_gated"
+    granularity: Granularity = "block"
+    tau0: float = 0.05
+    beta: float = 1.0
+    learn_threshold: bool = True
+    slab_mean_init: float = 0.3
+    gate_logit_init: float = 2.0
+    slab_logvar_init: float = -4.0
+    hidden: Optional[int] = None
+    atlas_lr: float = 5e-2
+    baselines: list[str] = field(default_factory=lambda: [ALL_BASELINES])
+    low_rank: int = 0
+    eval_samples: int = 20
+    posterior_samples: int = 128
+    device: str = "auto"
+    seed: int = 0
+    svi: SVIConfig = field(default_factory=SVIConfig)
+
+    def validate(self) -> None:
+        self.svi.validate()
+        if self.granularity not in ("block", "layer", "task"):
+            raise ConfigError(f"unknown granularity {self.granularity!r}: use block, layer or task")
+        if self.eval_samples <= 0 or self.posterior_samples < 0:
+            raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
+        if self.low_rank < 0:
+            raise ConfigError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
+        if self.hidden is not None and self.hidden <= 0:
+            raise ConfigError(f"hidden must be > 0 (or null for the default), got {self.hidden}")
+
+
+@dataclass
+class GridConfig:
+    """What an ablation grid runs; ``steps`` etc. apply to every learned method (VTVC, aTLAS, AdaMerging).
+
+    Args:
+        targets: data set specs.
+        methods: baselines and vtvc/PRIOR/GUIDE ([all, ...]: every registered baseline); see vtvc ablate --list_methods.
+        seeds: seeds of every seeded method (seed-independent baselines run once).
+        steps: steps of every learned method.
+        eval_every: steps between val scores.
+        eval_samples: posterior draws of VTVC's predictive.
+        bank: bank folder.
+        device: auto, cpu or cuda[:N].
+    """
+
+    targets: list[str] = field(default_factory=lambda: ["mixed"])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 600
+    eval_every: int = 50
+    eval_samples: int = 20
+    bank: str = DEFAULT_BANK
+    device: str = "auto"
+
+    @classmethod
+    def quick(cls, **overrides) -> GridConfig:
+        """The smoke grid (under a minute on 2 cores): one target, one seed, 30 steps."""
+        return cls(**{"methods": list(QUICK_METHODS), "seeds": [0], "steps": 30, "eval_every": 15,
+                      "eval_samples": 4, **overrides})
+
+    def validate(self) -> None:
+        if not self.targets or not self.seeds or not self.methods:
+            raise ConfigError("the grid needs at least one target, method and seed")
+        _positive(self, ("steps", "eval_every", "eval_samples"))
+
+
+@dataclass
+class NegationConfig:
+    """Task negation: forget one source task, keep a control task.
+
+    Args:
+        forget: source task whose vector is negated.
+        control: task whose accuracy must be kept.
+        bank: bank folder.
+        granularity: coefficient granularity.
+        prior_args: arguments of the spike_slab_negative prior.
+        device: auto, cpu or cuda[:N].
+        seed: seed of the guide and the mini-batches.
+        svi: SVI settings.
+    """
+
+    forget: str = "digits"
+    control: str = "textures"
+    bank: str = DEFAULT_BANK
+    granularity: Granularity = "block"
+    prior_args: dict = field(default_factory=dict)
+    device: str = "auto"
+    seed: int = 0
+    svi: SVIConfig = field(default_factory=lambda: SVIConfig(steps=300))
+
+
+@dataclass
+class BuildConfig:
+    """Settings of the embedded bank (defaults build in about 2.5 minutes on 2 CPU cores).
+
+    Args:
+        arch: open_clip architecture of the base model.
+        seed: seed of the data pools, pretraining and fine-tuning.
+        pretrain_steps: CLIP pretraining steps of the base model.
+        pretrain_lr: pretraining learning rate.
+        finetune_steps: fine-tuning steps of each source task.
+        finetune_lr: fine-tuning learning rate.
+        batch_size: images per step.
+        tasks: source tasks to fine-tune ([]: every suite source).
+        dtype: storage dtype of the task vectors.
+    """
+
+    arch: str = TINY_MODEL
+    seed: int = 0
+    pretrain_steps: int = 1000
+    pretrain_lr: float = 2e-3
+    finetune_steps: int = 200
+    finetune_lr: float = 1e-3
+    batch_size: int = 128
+    tasks: list[str] = field(default_factory=list)
+    dtype: StorageDtype = "float32"
+
+
+@dataclass
+class BenchCompositionConfig:
+    """Per-sample composition against one base pass and the naive per-sample loop.
+
+    Args:
+        models: geometries to measure (vit-b-32, tiny).
+        layers: ViT-B/32 blocks (12: the whole tower).
+        tasks: numbers of task vectors.
+        batch: batch sizes.
+        strategies: strategies to measure (base, functional, lowrank, materialize, linear, auto, shared, naive, naive-lowrank).
+        rank: rank of the low-rank task vectors.
+        dtype: task-vector storage dtype.
+        repeats: timed runs of ViT-B/32.
+        tiny_repeats: timed runs of the tiny model (milliseconds each).
+        warmup: untimed runs before the timed ones.
+        naive_backward: the naive loop's backward: one sample at a time (memory of one tower) or batched (memory of M towers).
+        device: cpu or cuda[:N].
+        threads: torch threads (0: torch's default).
+        out: write the rows, the environment and the target checks to this JSON file.
+        markdown: also print the table as Markdown.
+        from_json: print the Markdown table of a saved run and exit.
+        quiet: no table header before the rows.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["vit-b-32", "tiny"])
+    layers: int = 12
+    tasks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    batch: list[int] = field(default_factory=lambda: [8, 32])
+    strategies: list[str] = field(default_factory=lambda: ["base", "functional", "lowrank", "materialize", "linear",
+                                                           "auto", "shared", "naive", "naive-lowrank"])
+    rank: int = 16
+    dtype: StorageDtype = "float32"
+    repeats: int = 1
+    tiny_repeats: int = 20
+    warmup: int = 1
+    naive_backward: Literal["per-sample", "batched"] = "per-sample"
+    device: str = "cpu"
+    threads: int = 0
+    out: Optional[str] = None
+    markdown: bool = False
+    from_json: Optional[str] = None
+    quiet: bool = False
+
+
+@dataclass
+class BenchMemoryConfig:
+    """Peak memory of one SVI step (or of the shared aTLAS-style step) at real scale, random weights.
+
+    Args:
+        arch: open_clip architecture.
+        tasks: number of task vectors.
+        micro_batch: images per step.
+        granularity: coefficient granularity.
+        dtype: task-vector storage dtype.
+        shared: measure the batch-shared (aTLAS-style) step instead of the per-sample one.
+    """
+
+    arch: str = "ViT-B-32"
+    tasks: int = 7
+    micro_batch: int = 1
+    granularity: Granularity = "block"
+    dtype: StorageDtype = "bfloat16"
+    shared: bool = False

@@ -1,0 +1,77 @@
+"""Files and devices: atomic writes (safetensors, JSON, any writer), base-model fingerprints, device choice.
+
+Every file the project writes goes through :func:`atomic_write`: the content is written to a unique
+temporary name in the target folder, flushed to disk and renamed over the target, so a crash or a
+second writer never leaves half a file, and an existing file is only replaced once the new one is
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import ConfigError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` on a unique temporary file beside ``path``, fsync it, then rename it to ``path``.
+
+    Usage::
+
+        atomic_write("runs/x/posterior.nc", lambda tmp: idata.to_netcdf(str(tmp)))
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Tensors (moved to CPU, made contiguous) to a safetensors file, atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def fingerprint(params: Mapping[str, torch.Tensor]) -> str:
+    """A short SHA-256 of names, shapes and float32 bytes of ``params`` (identifies a base model)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        t = params[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda[:N]")
+    return torch.device(name)

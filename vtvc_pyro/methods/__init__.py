@@ -1,0 +1,1 @@
+"""The baselines: training-free merges (merges), learned shared coefficients (learned) and their registry (baselines)."""

@@ -1,0 +1,103 @@
+"""Training-free merges and their evaluation: zero-shot, averaging, task arithmetic (λ on val), TIES.
+
+Each method is a pure function returning what it chose (coefficients ``[T, G]`` or a merged
+vector); :func:`predict_shared` evaluates any batch-shared coefficients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..bank.task_vectors import TaskVectorBank
+from ..compose.engine import Composer
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def class_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Zero-shot logits: ``features [N, D]``, ``head [C, D]`` (logit scale included) -> ``[N, C]``."""
+    return F.normalize(features, dim=-1) @ head.T
+
+
+@torch.no_grad()
+def predict_shared(composer: Composer, head: torch.Tensor, images: torch.Tensor, lam: torch.Tensor,
+                   batch_size: int = 512) -> torch.Tensor:
+    """Class probabilities ``[N, C]`` of the tower composed with shared ``lam [T, G]``."""
+    out = [torch.softmax(class_logits(composer.shared(images[i : i + batch_size], lam), head), -1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(-1) == labels.to(probs.device)).float().mean())
+
+
+def zero_coefficients(composer: Composer, device) -> torch.Tensor:
+    """Zero-shot is the base model: all coefficients zero, ``[T, G]``."""
+    return torch.zeros(composer.num_tasks, composer.num_groups, device=device)
+
+
+def average_coefficients(composer: Composer, device) -> torch.Tensor:
+    """Simple averaging (model soup of the fine-tuned models): every λ = 1/T, ``[T, G]``."""
+    return torch.full((composer.num_tasks, composer.num_groups), 1.0 / composer.num_tasks, device=device)
+
+
+def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
+                  grid: torch.Tensor, direction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The best ``value · direction`` on val over ``grid`` (direction: all ones ``[T, G]`` by default).
+
+    Returns ``lam [T, G]`` and the val accuracy per grid value (ties: the first in grid order).
+    """
+    direction = torch.ones(composer.num_tasks, composer.num_groups, device=head.device) if direction is None else direction
+    scores = {round(v, 4): accuracy(predict_shared(composer, head, val[0], v * direction), val[1]) for v in grid.tolist()}
+    best = max(scores, key=scores.get)
+    return best * direction, {"valaccuracy_by_lambda": scores, "lambda": best}
+
+
+def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
+                    grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """One λ for the sum of all task vectors, chosen on val from ``grid`` (default 0, 0.05, ..., 1).
+
+    ``composer`` must have ``task`` granularity. Returns ``lam [T, 1]`` and the val accuracy per λ.
+    """
+    return choose_on_val(composer, head, val, torch.linspace(0, 1, 21) if grid is None else grid)
+
+
+def ties_merge(bank: TaskVectorBank, density: float = 0.2) -> dict[str, torch.Tensor]:
+    """TIES-merging (Yadav et al., 2023) of a bank's vectors into one: trim, elect sign, disjoint mean.
+
+    1. Trim: each task keeps its ``density`` fraction of largest-magnitude entries over all its blocks.
+    2. Elect: per entry, the sign of the summed trimmed values (the sign with more total mass).
+    3. Disjoint merge: the mean of the trimmed values that agree with the elected sign.
+
+    Returns:
+        block name -> merged delta ``[*shape]`` (fp32).
+    """
+    if not 0 < density <= 1:
+        raise ConfigError(f"TIES density must lie in (0, 1], got {density}")
+    names = list(bank.deltas)
+    flat = torch.cat([bank.deltas[n].float().flatten(1) for n in names], dim=1)  # [T, P]
+    keep = max(1, int(round(density * flat.shape[1])))
+    threshold = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values  # [T, 1]
+    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))
+    sign = torch.sign(trimmed.sum(0))  # [P]
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    out, start = {}, 0
+    for n in names:
+        shape = bank.deltas[n].shape[1:]
+        size = shape.numel()
+        out[n] = merged[start : start + size].reshape(shape)
+        start += size
+    return out
+
+
+def single_vector_bank(bank: TaskVectorBank, deltas: dict[str, torch.Tensor], name: str) -> TaskVectorBank:
+    """A one-task bank holding ``deltas`` (e.g. a merged vector) on ``bank``'s base."""
+    return TaskVectorBank(bank.arch, [name], bank.base, {k: v[None] for k, v in deltas.items()}, bank.base_fingerprint)
+
+
