@@ -45,7 +45,7 @@ def test_features_are_cached(loaded_bank):
 
 
 def test_missing_bank_says_how_to_build_it(tmp_path):
-    with pytest.raises(BankError, match="build_bank.py"):
+    with pytest.raises(BankError, match="vtvc bank build"):
         load_bank(tmp_path / "nowhere")
 
 

@@ -86,7 +86,7 @@ def test_spec_string_reaches_the_benchmarks(root, preprocess):
 
 
 def test_missing_data_names_the_layout_and_downloads_nothing(tmp_path, preprocess):
-    with pytest.raises(DataError, match=r"MNIST/raw/\{train,t10k\}.*prepare_data.py --download"):
+    with pytest.raises(DataError, match=r"MNIST/raw/\{train,t10k\}.*vtvc data check --root ROOT --download"):
         load_benchmark("MNIST", tmp_path, preprocess)
     with pytest.raises(DataError, match="does not exist: create it"):
         load_benchmark("GTSRB", tmp_path / "absent", preprocess)

@@ -33,7 +33,7 @@ def load_run(run_dir: str | Path):
     run_dir = Path(run_dir)
     for name in ("posterior.nc", "predictions.safetensors", "metrics.json"):
         if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir} has no {name}: pass the folder written by scripts/svi_fit.py")
+            raise ConfigError(f"{run_dir} has no {name}: pass the folder written by `vtvc fit`")
     idata = az.from_netcdf(run_dir / "posterior.nc")
     predictions = load_file(str(run_dir / "predictions.safetensors"))
     metrics = json.loads((run_dir / "metrics.json").read_text())

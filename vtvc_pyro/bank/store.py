@@ -163,7 +163,7 @@ def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, d
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
-        raise BankError(f"no bank at {path} (manifest.json missing): run scripts/build_bank.py --out {path}")
+        raise BankError(f"no bank at {path} (manifest.json missing): run `vtvc bank build --out {path}`")
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:

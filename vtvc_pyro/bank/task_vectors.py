@@ -125,7 +125,7 @@ class TaskVector:
         """
         path = Path(path)
         if not path.is_file():
-            raise BankError(f"task vector {path} does not exist: build the bank (scripts/build_bank.py) or fix the path")
+            raise BankError(f"task vector {path} does not exist: build the bank (`vtvc bank build`) or fix the path")
         deltas, meta = read_with_metadata(path, "task vector", "rebuild or re-import it")
         if meta.get("format") != FORMAT:
             raise BankError(f"{path} is not a vtvc task vector (no '{FORMAT}' metadata); convert it with TaskVector.from_state_dicts(...).save()")
@@ -211,7 +211,7 @@ class TaskVectorBank:
         return self.deltas[name]
 
     def block_factors(self, name: str) -> None:
-        """Dense banks have no low-rank factors (see :mod:`vtvc_pyro.low_rank`)."""
+        """Dense banks have no low-rank factors (see :mod:`vtvc_pyro.bank.low_rank`)."""
         return None
 
     def storage_bytes(self) -> int:

@@ -61,7 +61,7 @@ class AmortizedGatedGuide(PyroModule):
     Args:
         feature_dim: ``D``, the base image feature size.
         num_tasks, num_groups: ``T`` and ``G`` (coefficient shape per sample).
-        prior: the model's prior; its :attr:`~vtvc_pyro.priors.Prior.sites` decide the guide's sites.
+        prior: the model's prior; its :attr:`~vtvc_pyro.bayes.priors.Prior.sites` decide the guide's sites.
         hidden: hidden width of each head; default ``max(D // 4, T·G)`` as in the authors' code.
         gate_rule: apply the deterministic keep rule (off: plain relaxed-Bernoulli gates).
         amortized: heads are MLPs of the features; ``False`` gives the global guide, one posterior

@@ -25,7 +25,7 @@ class VTVCModel(torch.nn.Module):
     Args:
         composer: the composition engine (frozen base tower and task vectors).
         head: ``[C, D]`` zero-shot head including ``logit_scale.exp()``.
-        prior: a :class:`~vtvc_pyro.priors.Prior`.
+        prior: a :class:`~vtvc_pyro.bayes.priors.Prior`.
     """
 
     def __init__(self, composer: Composer, head: torch.Tensor, prior: Prior):

@@ -14,7 +14,7 @@ Weights and task vectors are resident before and not counted.
 
 Usage::
 
-    python scripts/bench_composition.py --models vit-b-32 --tasks 8 --batch 32 --json bench.json
+    vtvc bench composition --models '[vit-b-32]' --tasks '[8]' --batch '[32]' --out bench.json
 """
 
 import ctypes

@@ -7,7 +7,7 @@ Prints the sizes of what must sit in accelerator memory and the process's peak r
 
 Usage::
 
-    python scripts/bench_memory.py --arch ViT-B-32 --tasks 7 --micro-batch 2
+    vtvc bench memory --arch ViT-B-32 --tasks 7 --micro_batch 2
 """
 
 import json

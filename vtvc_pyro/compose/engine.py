@@ -7,7 +7,7 @@ Modes:
   norms, class token, positional embedding) are composed per sample directly (``[M, *shape]``),
   and every weight matrix goes through one of three exact strategies, chosen per layer:
 
-  - ``lowrank`` (banks from :func:`~vtvc_pyro.low_rank.truncate_bank`): ``ΔW_t = U_t V_t``, so
+  - ``lowrank`` (banks from :func:`~vtvc_pyro.bank.low_rank.truncate_bank`): ``ΔW_t = U_t V_t``, so
     ``y = W0 x + Σ_t λ_t U_t (V_t x)``, all tasks in two matrix products of width ``T·r``;
     it costs ``T·r·(in + out)`` per token instead of ``out·in``.
   - ``materialize``: per-sample weights ``W_i = W0 + Σ_t λ_it ΔW_t`` built in chunks of samples;
@@ -109,7 +109,7 @@ class Composer(torch.nn.Module):
     Args:
         visual: the base ``model.visual`` (its parameters are θ0; they are not modified).
         bank: stacked task vectors of the same architecture, dense (:class:`TaskVectorBank`) or
-            low-rank (:class:`~vtvc_pyro.low_rank.LowRankBank`).
+            low-rank (:class:`~vtvc_pyro.bank.low_rank.LowRankBank`).
         granularity: ``block``, ``layer`` or ``task``.
         strategy: per-sample strategy for the weight matrices, one of :data:`STRATEGIES`
             (``auto``: low-rank where the bank has factors, else by :meth:`choose`).
@@ -164,7 +164,7 @@ class Composer(torch.nn.Module):
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown composition strategy {strategy!r}: use one of {STRATEGIES}")
         if strategy == "lowrank" and not any(self.bank.block_factors(b) is not None for b in self.bank.blocks):
-            raise ConfigError("the lowrank strategy needs a low-rank bank: make one with vtvc_pyro.low_rank.truncate_bank")
+            raise ConfigError("the lowrank strategy needs a low-rank bank: make one with vtvc_pyro.bank.low_rank.truncate_bank")
         return strategy
 
     def block_coefficients(self, lam: torch.Tensor, name: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ Images are never held in memory as a whole: a split is a :class:`StreamedImages`
 only the images a mini-batch asks for (thread pool) or streams a split through a ``DataLoader``.
 Labels are read from the data set's index without decoding any image.
 
-Nothing downloads unless ``download=True`` (``scripts/prepare_data.py --download``); a missing
+Nothing downloads unless ``download=True`` (``vtvc data check --root ROOT --download``); a missing
 root or data set raises :class:`~vtvc_pyro.errors.DataError` naming the folder layout expected
 and how to obtain it.
 
@@ -226,17 +226,17 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "(e.g. Kaggle 'stanford-cars-dataset') and unpack them in that layout", downloadable=False),
     Benchmark("DTD", _dtd, _DTD, lambda ds: _classes_from_folders(ds, lambda c: c.replace("_", " ")),
               "ROOT/dtd/dtd/{images/<class>/*.jpg, labels/train1.txt, labels/val1.txt, labels/test1.txt}",
-              "scripts/prepare_data.py --download (torchvision.datasets.DTD)"),
+              "vtvc data check --root ROOT --download (torchvision.datasets.DTD)"),
     Benchmark("EuroSAT", _eurosat, _EUROSAT,
               lambda ds: _classes_from_folders(ds, lambda c: _EUROSAT_NAMES.get(c, c)),
               "ROOT/eurosat/2750/<class>/*.jpg (or task_vectors' ROOT/EuroSAT_splits/{train,test}/<class>/)",
-              "scripts/prepare_data.py --download (torchvision.datasets.EuroSAT)"),
+              "vtvc data check --root ROOT --download (torchvision.datasets.EuroSAT)"),
     Benchmark("GTSRB", _gtsrb, _GTSRB, lambda ds: _GTSRB_NAMES,
               "ROOT/gtsrb/{GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv}",
-              "scripts/prepare_data.py --download (torchvision.datasets.GTSRB)"),
+              "vtvc data check --root ROOT --download (torchvision.datasets.GTSRB)"),
     Benchmark("MNIST", _mnist, _DIGITS, lambda ds: _DIGIT_NAMES,
               "ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
-              "scripts/prepare_data.py --download (torchvision.datasets.MNIST)"),
+              "vtvc data check --root ROOT --download (torchvision.datasets.MNIST)"),
     Benchmark("RESISC45", _resisc45, _RESISC45, lambda ds: _classes_from_folders(ds, lambda c: c.replace("_", " ")),
               "ROOT/resisc45/{NWPU-RESISC45/<class>/*.jpg, resisc45-train.txt, resisc45-test.txt} "
               "(one file name per line)",
@@ -245,11 +245,11 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               downloadable=False),
     Benchmark("SUN397", _sun397, _SUN397, lambda ds: tuple(_sun_name(c) for c in _base(ds).classes),
               "ROOT/SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg, Training_01.txt, Testing_01.txt}",
-              "scripts/prepare_data.py --download (torchvision.datasets.SUN397; unpack Partitions.zip into "
+              "vtvc data check --root ROOT --download (torchvision.datasets.SUN397; unpack Partitions.zip into "
               "ROOT/SUN397 for the official partition 1)"),
     Benchmark("SVHN", _svhn, _DIGITS, lambda ds: _DIGIT_NAMES,
               "ROOT/svhn/{train_32x32.mat, test_32x32.mat}",
-              "scripts/prepare_data.py --download (torchvision.datasets.SVHN)"),
+              "vtvc data check --root ROOT --download (torchvision.datasets.SVHN)"),
 )}
 
 

@@ -71,7 +71,7 @@ def task_arithmetic_negation(composer: Composer, val: NegationData, grid: torch.
 
 
 class NegationModel(VTVCModel):
-    """The VTVC model of :mod:`~vtvc_pyro.negation`: labels of the union (see module docstring)."""
+    """The VTVC model of :mod:`~vtvc_pyro.protocols.negation`: labels of the union (see module docstring)."""
 
     def __init__(self, composer: Composer, forget_head: torch.Tensor, control_head: torch.Tensor, prior):
         super().__init__(composer, torch.cat([control_head, forget_head]), prior)
@@ -111,7 +111,7 @@ def vtvc_logits(model: NegationModel, guide, images: torch.Tensor, features: tor
 
 
 def negation_score(model: NegationModel, guide, val) -> float:
-    """Val selection for :func:`~vtvc_pyro.infer.fit_svi`: control accuracy minus forget accuracy."""
+    """Val selection for :func:`~vtvc_pyro.bayes.svi.fit_svi`: control accuracy minus forget accuracy."""
     acc = split_accuracies(model, vtvc_logits(model, guide, val[0], val[1]), val[2])
     return acc["control"] - acc["forget"]
 

@@ -24,7 +24,7 @@ def truncation_report(loaded, ranks: Iterable[int] = (2, 4, 8, 16), energies: It
     relative Frobenius error of the vectors and their storage.
 
     Args:
-        loaded: a :class:`~vtvc_pyro.bank.LoadedBank`.
+        loaded: a :class:`~vtvc_pyro.bank.store.LoadedBank`.
         targets: held-out targets for task arithmetic (default: the embedded suite's).
 
     Returns:
