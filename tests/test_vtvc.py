@@ -10,7 +10,7 @@ from pyro.infer import Trace_ELBO
 from vtvc_pyro import backbone
 from vtvc_pyro.bayes.guide import GUIDES, make_guide
 from vtvc_pyro.bayes.model import VTVCModel
-from vtvc_pyro.bayes.priors import PRIORS, make_prior, parse_prior_args
+from vtvc_pyro.bayes.priors import PRIORS, make_prior
 from vtvc_pyro.bayes.svi import fit_svi, sample_probs
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
@@ -156,9 +156,6 @@ def test_prior_registry_errors():
         make_prior("spike_slab", pi=1.5)
     with pytest.raises(ConfigError, match="slab_scale must be > 0"):
         make_prior("gaussian", slab_scale=-1)
-    with pytest.raises(ConfigError, match="KEY=NUMBER"):
-        parse_prior_args(["pi"])
-    assert parse_prior_args(["pi=0.25"]) == {"pi": 0.25}
 
 
 def test_planted_sparse_structure_is_found():

@@ -250,7 +250,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError):
         if not trust_pickle:
-            raise BankError(f"{path} is a pickled module, and unpickling can run code: pass --trust-pickle "
+            raise BankError(f"{path} is a pickled module, and unpickling can run code: pass --trust_pickle "
                             "(trust_pickle=True) only for files from a source you trust") from None
         return load_pickled_checkpoint(path, trust=True)
     if isinstance(obj, dict):

@@ -303,22 +303,8 @@ class Horseshoe(Prior):
 def make_prior(name: str, **kwargs) -> Prior:
     """Build a registered prior by name; unknown names and arguments give a clear error."""
     if name not in PRIORS:
-        raise ConfigError(f"unknown prior {name!r}: choose one of {', '.join(PRIORS)} (--list-priors)")
+        raise ConfigError(f"unknown prior {name!r}: choose one of {', '.join(PRIORS)} (vtvc fit --list_priors)")
     try:
         return PRIORS[name](**kwargs)
     except TypeError as err:
-        raise ConfigError(f"bad arguments {kwargs} for prior {name!r} ({err}); see --list-priors") from err
-
-
-def parse_prior_args(items: list[str] | None) -> dict[str, float]:
-    """``["pi=0.3", "slab_scale=2"]`` -> ``{"pi": 0.3, "slab_scale": 2.0}``."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key.strip():
-            raise ConfigError(f"--prior-arg {item!r} is not KEY=NUMBER (e.g. pi=0.3)")
-    return out
+        raise ConfigError(f"bad arguments {kwargs} for prior {name!r} ({err}); see vtvc fit --list_priors") from err

@@ -229,7 +229,7 @@ def fit_svi(
                 if not cfg.skip_nonfinite:
                     raise NumericalError(
                         f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
-                        "checkpoint is kept: lower --lr, or pass --skip-nonfinite to skip such steps"
+                        "checkpoint is kept: lower --svi.lr, or pass --svi.skip_nonfinite true to skip such steps"
                     )
                 log.warning("skipping step %d: non-finite loss or gradient", step)
                 opt.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..bayes.guide import GUIDES
 from ..bayes.priors import PRIORS
-from ..config import ALL_BASELINES, FitConfig, GridConfig, SVIConfig
+from ..config import ALL_BASELINES, DEFAULT_BANK, FitConfig, GridConfig, SVIConfig
 from ..errors import ConfigError
 from ..evaluate import classification_metrics
 from ..io import atomic_write, resolve_device, write_json
@@ -79,6 +79,7 @@ def prepare_grid_folder(out: Path, grid: GridConfig, overwrite: bool = False) ->
     settings = asdict(grid)
     if saved.is_file() and not overwrite:
         before = json.loads(saved.read_text())
+        before["bank"] = before.get("bank") or DEFAULT_BANK  # grids before 0.2 wrote null for the default bank
         fixed = ("steps", "eval_every", "eval_samples", "bank", "device")
         changed = [k for k in fixed if before.get(k) != settings.get(k)]
         if changed:

@@ -128,8 +128,8 @@ def run_negation(cfg: NegationConfig, progress: bool = False) -> dict:
     bank = load_bank(cfg.bank)
     if forget not in bank.vectors.tasks:
         raise ConfigError(f"the bank has no task vector for {forget!r} to negate; choose one of {bank.vectors.tasks}")
-    seed = bank.manifest.get("config", {}).get("seed", 0)
-    tasks = {name: with_validation(load_dataset(name, seed), seed) for name in (forget, control)}
+    data_seed = bank.manifest.get("config", {}).get("seed", 0)  # pools must match those of the bank build
+    tasks = {name: with_validation(load_dataset(name, data_seed), data_seed) for name in (forget, control)}
     heads = {name: bank.head_for(t).to(dev) for name, t in tasks.items()}
 
     def split(name: str) -> NegationData:

@@ -80,6 +80,11 @@ def read_run_config(run_dir: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise ConfigError(f"{run_dir} holds no config.json: pass the folder of a finished `vtvc fit` run")
     settings = json.loads(path.read_text())
+    if "fit" in settings:  # the layout before 0.2: {"fit": settings (seed under svi), "tasks": ..., ...}
+        fit = dict(settings.pop("fit"))
+        fit["svi"] = dict(fit.get("svi", {}))
+        fit["seed"] = fit["svi"].pop("seed", 0)
+        return fit, settings
     return {k: v for k, v in settings.items() if k != RUN_RECORD}, settings.get(RUN_RECORD, {})
 
 
