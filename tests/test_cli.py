@@ -89,12 +89,16 @@ def test_bad_flags_are_one_line(capsys):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(bank_path, tmp_path):
     out = tmp_path / "never"
+    bank_files = sorted((p, p.stat().st_mtime_ns) for p in bank_path.rglob("*"))
+    proc = run_inline("--bank", str(bank_path), "--target", "imagefolder:" + str(ROOT / "nonexistent"), "--dry_run")
+    assert proc.returncode == 2  # a bad target fails in the dry run as in a fit
     proc = run_inline("--bank", str(bank_path), "--target", "rot-noise", "--dry_run", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
     assert plan["splits"] == {"train": 200, "val": 100, "test": 397} and plan["device"] == "cpu"
     assert len(plan["tasks"]) == 11 and "atlas" in plan["baselines"] and plan["composition"]
     assert not out.exists()
+    assert sorted((p, p.stat().st_mtime_ns) for p in bank_path.rglob("*")) == bank_files  # no feature cache written
 
 
 def test_replaying_a_runs_config_reproduces_its_metrics(short_run, tmp_path):

@@ -132,8 +132,11 @@ class Target:
     data_seed: int
 
 
-def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
-    """Load the bank and the target data; the target's own vector is held out of the composed tasks."""
+def select_target(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+    """The bank without the target's own vector, the target data set and its head; ``data`` still empty.
+
+    Reads files only (builds the embedded bank when it is missing); no base features are computed.
+    """
     if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
     full = load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
@@ -150,11 +153,17 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
     head = bank.head_for(task).to(device)
     if head.shape[0] != len(task.class_names):
         raise ConfigError(f"head has {head.shape[0]} classes but {cfg.target} has {len(task.class_names)}")
-    data = {}
+    return Target(bank, tasks, task, head, {}, own_vector, data_seed)
+
+
+def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+    """:func:`select_target` with every split on ``device`` and its base features (cached under the bank)."""
+    target = select_target(cfg, device, progress)
     for split in ("train", "val", "test"):
-        x, y = task.split(split)
-        data[split] = (x.to(device), bank.features(task, split, cfg.target).to(device), y.to(device))
-    return Target(bank, tasks, task, head, data, own_vector, data_seed)
+        x, y = target.task.split(split)
+        features = target.bank.features(target.task, split, cfg.target)
+        target.data[split] = (x.to(device), features.to(device), y.to(device))
+    return target
 
 
 def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
@@ -270,11 +279,11 @@ def plan_fit(cfg: FitConfig) -> dict:
         task = with_validation(load_dataset(cfg.target, 0), 0)
         plan["splits"] = {split: len(task.split(split)[1]) for split in ("train", "val", "test")}
         return plan
-    target = load_target(cfg, torch.device("cpu"))
+    target = select_target(cfg, torch.device("cpu"))  # no features: they would cost forward passes and a cache write
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     plan.update({
         "arch": target.bank.arch,
-        "splits": {split: len(target.data[split][2]) for split in ("train", "val", "test")},
+        "splits": {split: len(target.task.split(split)[1]) for split in ("train", "val", "test")},
         "classes": len(target.task.class_names),
         "tasks": target.tasks,
         "coefficients": f"{composer.num_tasks} tasks x {composer.num_groups} {cfg.granularity} groups per image",
