@@ -56,9 +56,10 @@ def test_own_finetuned_reference_matches_the_bank_manifest(bank_path):
     probs, info = run_baselines(cfg, target, ["finetuned", "zeroshot", "averaging", "ties"])
     manifest = json.loads((bank_path / "manifest.json").read_text())["tasks"]["digits-rotated"]
     labels = target.data["test"][2]
-    assert classification_metrics(probs["finetuned"], labels)["accuracy"] == pytest.approx(manifest["finetuned_accuracy"], abs=1e-6)
-    assert classification_metrics(probs["zeroshot"], labels)["accuracy"] == pytest.approx(manifest["zeroshot_accuracy"], abs=1e-6)
-    assert 0 <= info["ties"]["lambda"] <= 2
+    assert classification_metrics(probs["finetuned"]["test"], labels)["accuracy"] == pytest.approx(manifest["finetuned_accuracy"], abs=1e-6)
+    assert classification_metrics(probs["zeroshot"]["test"], labels)["accuracy"] == pytest.approx(manifest["zeroshot_accuracy"], abs=1e-6)
+    assert 0 <= info["ties"]["lambda"] <= 2 and info["ties"]["density"] in (0.1, 0.2, 0.5)
+    assert probs["ties"]["val"].shape == (len(target.data["val"][2]), 10)  # val probabilities: for temperature scaling
 
 
 def test_finetuned_is_skipped_without_an_own_vector(bank_path):

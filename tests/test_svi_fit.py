@@ -85,6 +85,7 @@ def test_list_priors():
 # every prior and guide of the registries, paired so each appears at least once (the default pair runs in short_run)
 PAIRS = [("spike_slab_continuous", "global"), ("task_spike_slab", "amortized"), ("spike_slab_negative", "amortized_gated"),
          ("gaussian", "amortized"), ("laplace", "global"), ("horseshoe", "amortized_gated")]
+FLAT = {"task_spike_slab", "spike_slab_negative"}  # these two fit the flat model; the others the hierarchical
 
 
 def test_the_pairs_cover_both_registries():
@@ -95,11 +96,13 @@ def test_the_pairs_cover_both_registries():
 @pytest.mark.parametrize("prior, guide", PAIRS)
 def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path):
     out = tmp_path / prior
-    proc = run_inline("--bank", str(bank_path), "--prior", prior, "--guide", guide, "--svi.steps", "5", "--baselines=[]",
+    model = "flat" if prior in FLAT else "hierarchical"
+    proc = run_inline("--bank", str(bank_path), "--model", model, "--prior", prior, "--guide", guide, "--svi.steps", "5",
+                      "--baselines=[]",
                       "--svi.eval_every", "5", "--eval_samples", "2", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     idata = az.from_netcdf(out / "posterior.nc")
-    assert (idata.posterior.attrs["prior"], idata.posterior.attrs["guide"]) == (prior, guide)
+    assert (idata.posterior.attrs["model"], idata.posterior.attrs["prior"], idata.posterior.attrs["guide"]) == (model, prior, guide)
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["methods"]) == {"vtvc", "vtvc_mean"}  # --baselines= runs none
     lam = idata.posterior["lam"]

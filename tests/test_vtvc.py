@@ -8,9 +8,9 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from vtvc_pyro import backbone
-from vtvc_pyro.bayes.guide import GUIDES, make_guide
+from vtvc_pyro.bayes.guide import GUIDES, keep_rule, make_guide
 from vtvc_pyro.bayes.model import VTVCModel
-from vtvc_pyro.bayes.priors import PRIORS, make_prior
+from vtvc_pyro.bayes.priors import PRIORS, bernoulli_kl, make_prior
 from vtvc_pyro.bayes.svi import fit_svi, sample_probs
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
@@ -31,7 +31,7 @@ def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3, guid
     return vtvc, guide, images, backbone.image_features(model, images), torch.randint(0, 4, (5,))
 
 
-@pytest.mark.parametrize("guide_name", list(GUIDES))
+@pytest.mark.parametrize("guide_name", [g for g, s in GUIDES.items() if s["amortized"]])
 @pytest.mark.parametrize("prior_name", list(PRIORS))
 def test_model_and_guide_sites_mirror_each_other(prior_name, guide_name):
     model, guide, x, f, y = tiny_problem(prior_name, guide_name=guide_name)
@@ -62,33 +62,23 @@ def test_vectorized_particles_broadcast(prior_name):
     assert torch.isfinite(torch.tensor(loss))
 
 
-def test_gate_rule_is_hard_in_eval_and_soft_in_training():
+def test_gate_rule_is_hard_at_prediction_time_and_off_in_training():
     _, guide, _, f, _ = tiny_problem()
-    loc = torch.tensor([0.0, 0.04, 0.2, -0.5])
-    scale = torch.tensor([0.1, 0.001, 0.5, 0.01])
-    guide.eval()
-    hard = guide.keep(loc, scale)
+    loc = torch.tensor([0.0, 0.04, 0.2, -0.5, 0.2])
+    scale = torch.tensor([0.1, 0.001, 0.5, 0.01, 0.5])
+    size = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.1])  # the last: a task vector a tenth of its block's mean size
+    hard = keep_rule(loc, scale, size, 0.05, 1.0)
     threshold = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-8)))
-    assert torch.equal(hard, (loc.abs() >= threshold).float())
-    assert hard.tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert torch.equal(hard, (loc.abs() * size >= threshold).float())
+    assert hard.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
     guide.train()
-    soft = guide.keep(loc, scale)
-    assert ((soft > 0) & (soft < 1)).all() and torch.equal(soft > 0.5, hard.bool())
+    assert (guide.posterior_params(f)["gate"]["keep"] == 1).all()
     guide.eval()
     params = guide.posterior_params(f)
     dropped = params["gate"]["keep"] == 0
     lam, gate = guide.sample_coefficients(f, 8)
     assert set(gate.unique().tolist()) <= {0.0, 1.0}
     assert (lam[:, dropped] == 0).all()  # a dropped component is deterministically zero
-
-
-def test_global_guide_gives_every_sample_the_same_posterior():
-    _, guide, _, f, _ = tiny_problem(guide_name="global")
-    for site, params in guide.posterior_params(f).items():
-        for name, value in params.items():
-            assert torch.equal(value, value[:1].expand_as(value)), (site, name)
-    _, amortized, _, f, _ = tiny_problem()
-    assert not torch.equal(amortized.posterior_params(f)["slab"]["loc"][0], amortized.posterior_params(f)["slab"]["loc"][1])
 
 
 def test_task_level_gate_switches_whole_tasks():
@@ -143,10 +133,11 @@ def test_horseshoe_combines_global_local_and_slab():
 
 
 def test_analytic_gate_kl_matches_torch():
-    prior = make_prior("spike_slab", pi=0.3)
     q = torch.tensor([[[0.1, 0.9], [0.5, 0.3]]])
     expected = torch.distributions.kl_divergence(torch.distributions.Bernoulli(q), torch.distributions.Bernoulli(0.3))
-    assert torch.allclose(prior.gate_kl(q), expected.sum((-2, -1)))
+    assert torch.allclose(bernoulli_kl(q, 0.3), expected)
+    prior = make_prior("spike_slab_continuous", pi=0.3)
+    assert torch.allclose(prior.kl({"gate": {"probs": q}}), expected.sum((-2, -1)))
 
 
 def test_prior_registry_errors():

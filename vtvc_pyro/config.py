@@ -42,6 +42,8 @@ VTVC_VARIANTS = (
                                             "laplace", "horseshoe")),
     # guides under the default prior
     "vtvc/spike_slab/amortized", "vtvc/spike_slab/global",
+    # the flat model (every coefficient per image) under the default prior and guide
+    "vtvc/flat/spike_slab/amortized_gated",
 )
 DEFAULT_METHODS = (ALL_BASELINES, *VTVC_VARIANTS)
 QUICK_METHODS = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "vtvc/spike_slab/amortized_gated",
@@ -62,9 +64,10 @@ class SVIConfig:
     Args:
         steps: optimiser steps.
         batch_size: images per step.
-        lr: AdamW learning rate (cosine schedule to 0).
+        lr: AdamW learning rate of the inference networks (cosine schedule to 0).
+        global_lr: learning rate of the global posterior's constants (the hierarchical model's λ̄ and ρ).
         weight_decay: AdamW weight decay of the guide's weight matrices.
-        kl_weight: scale of the latent sites' log densities (1 with kl_reduction=sum is the plain ELBO).
+        kl_weight: scale of every KL term (1 with kl_reduction=sum: the plain ELBO of the model).
         kl_reduction: mean divides kl_weight by the T·G coefficients per image (authors' code); sum does not.
         kl_anneal_steps: ramp the KL weight linearly from 0 over this many steps (0: no annealing).
         num_particles: ELBO particles per step (vectorized when > 1).
@@ -73,7 +76,8 @@ class SVIConfig:
         clip_norm: gradient-norm clipping.
         train_temperature: relaxed-Bernoulli temperature of the gates in training.
         eval_temperature: relaxed-Bernoulli temperature of the gates in the predictive.
-        eval_every: steps between val scores (the best-on-val state is kept).
+        eval_every: steps between val scores (the state with the lowest val NLL of the predictive is kept).
+        val_samples: posterior draws of the predictive scored on val.
         checkpoint_every: steps between checkpoints (also written on SIGINT/SIGTERM).
         skip_nonfinite: skip steps whose loss or gradient is NaN/Inf instead of stopping.
     """
@@ -81,22 +85,25 @@ class SVIConfig:
     steps: int = 600
     batch_size: int = 64
     lr: float = 5e-3
+    global_lr: float = 0.1
     weight_decay: float = 0.01
     kl_weight: float = 0.1
-    kl_reduction: Literal["mean", "sum"] = "mean"
+    kl_reduction: Literal["mean", "sum"] = "sum"
     kl_anneal_steps: int = 0
     num_particles: int = 1
     accumulate: int = 1
     elbo: Literal["trace", "meanfield"] = "trace"
     clip_norm: float = 1.0
-    train_temperature: float = 0.1
+    train_temperature: float = 0.5
     eval_temperature: float = 0.01
     eval_every: int = 50
+    val_samples: int = 10
     checkpoint_every: int = 100
     skip_nonfinite: bool = False
 
     def validate(self) -> None:
         _positive(self, ("steps", "batch_size", "num_particles", "eval_every", "checkpoint_every", "accumulate", "lr",
+                         "global_lr", "val_samples",
                          "train_temperature", "eval_temperature", "clip_norm"))
         _positive(self, ("weight_decay", "kl_anneal_steps"), strict=False)
         if self.elbo not in ("trace", "meanfield"):
@@ -114,18 +121,21 @@ class FitConfig:
     Args:
         target: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
         bank: bank folder (the embedded one is built on first use).
-        prior: prior name (vtvc fit --list_priors).
+        model: hierarchical (a global sparse composition routed per image) or flat (every coefficient per image).
+        prior: prior of the composition (vtvc fit --list_priors).
         prior_args: prior arguments, e.g. {pi: 0.3, slab_scale: 1.0}.
-        guide: guide name (vtvc fit --list_guides).
+        guide: guide name (vtvc fit --list_guides); global: task-level VI (hierarchical model without routing).
+        components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins.
+        routing: hierarchical model: per-image Beta-Bernoulli routing of the task vectors.
+        route_a: hierarchical model: Beta(a, b) prior of each task vector's use rate, a.
+        route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
         granularity: one coefficient per (task, block), per (task, layer) or per task.
-        tau0: keep-rule threshold base.
+        tau0: keep-rule threshold: the smallest |λ| on a task vector of its block's mean size (prediction time).
         beta: keep-rule threshold slope in the uncertainty.
-        learn_threshold: learn tau0 and beta.
         slab_mean_init: initial slab mean of every coefficient (0.3: AdaMerging's start).
-        gate_logit_init: initial gate logit (2.0: components start mostly kept).
+        gate_logit_init: initial gate logit (null: the prior's inclusion logit).
         slab_logvar_init: initial slab log-variance.
         hidden: hidden width of the guide's heads (null: max(D // 4, T·G), the authors' rule).
-        atlas_lr: learning rate of the aTLAS-style shared coefficients.
         baselines: baselines to run beside VTVC ([all]: every registered one; []: none).
         low_rank: compose rank-R truncated SVDs of the task vectors (0: full rank).
         eval_samples: posterior draws of the Monte Carlo predictive.
@@ -137,18 +147,21 @@ class FitConfig:
 
     target: str = "mixed"
     bank: str = DEFAULT_BANK
+    model: Literal["hierarchical", "flat"] = "hierarchical"
     prior: str = "spike_slab"
     prior_args: dict = field(default_factory=dict)
     guide: str = "amortized_gated"
+    components: list[int] = field(default_factory=lambda: [1, 4])
+    routing: bool = False
+    route_a: float = 1.0
+    route_b: float = 1.0
     granularity: Granularity = "block"
     tau0: float = 0.05
     beta: float = 1.0
-    learn_threshold: bool = True
     slab_mean_init: float = 0.3
-    gate_logit_init: float = 2.0
+    gate_logit_init: Optional[float] = None
     slab_logvar_init: float = -4.0
     hidden: Optional[int] = None
-    atlas_lr: float = 5e-2
     baselines: list[str] = field(default_factory=lambda: [ALL_BASELINES])
     low_rank: int = 0
     eval_samples: int = 20
@@ -165,6 +178,14 @@ class FitConfig:
             raise ConfigError("eval_samples must be > 0 and posterior_samples >= 0")
         if self.low_rank < 0:
             raise ConfigError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
+        _positive(self, ("route_a", "route_b", "tau0"))
+        if not self.components or min(self.components) < 1:
+            raise ConfigError(f"components must be a non-empty list of integers >= 1, got {self.components}")
+        if self.model == "flat" and self.components != [1]:
+            raise ConfigError("components > 1 needs --model hierarchical (the flat model has no global composition)")
+        if max(self.components) > 1 and self.svi.num_particles > 1:
+            raise ConfigError("components > 1 enumerates each image's component: use svi.num_particles 1")
+        _positive(self, ("beta",), strict=False)
         if self.hidden is not None and self.hidden <= 0:
             raise ConfigError(f"hidden must be > 0 (or null for the default), got {self.hidden}")
 
@@ -177,6 +198,7 @@ class GridConfig:
         targets: data set specs.
         methods: baselines and vtvc/PRIOR/GUIDE ([all, ...]: every registered baseline); see vtvc ablate --list_methods.
         seeds: seeds of every seeded method (seed-independent baselines run once).
+        sweep: FIELD=V1,V2,... entries; every VTVC method runs at every combination (svi.X: SVI settings, prior.X: prior arguments).
         steps: steps of every learned method.
         eval_every: steps between val scores.
         eval_samples: posterior draws of VTVC's predictive.
@@ -187,6 +209,7 @@ class GridConfig:
     targets: list[str] = field(default_factory=lambda: ["mixed"])
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    sweep: list[str] = field(default_factory=list)
     steps: int = 600
     eval_every: int = 50
     eval_samples: int = 20
@@ -227,7 +250,8 @@ class NegationConfig:
     prior_args: dict = field(default_factory=dict)
     device: str = "auto"
     seed: int = 0
-    svi: SVIConfig = field(default_factory=lambda: SVIConfig(steps=300))
+    # negation keeps the flat model's KL convention (the authors' mean over coefficients)
+    svi: SVIConfig = field(default_factory=lambda: SVIConfig(steps=300, kl_weight=0.1, kl_reduction="mean"))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -56,3 +58,78 @@ def accuracy_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     correct = (probs.argmax(-1) == labels.to(probs.device)).double()[order]
     k = torch.arange(1, len(order) + 1, device=probs.device, dtype=torch.float64)
     return k / len(order), correct.cumsum(0) / k
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T minimising the NLL of ``softmax(log probs / T)`` (Guo et al., 2017).
+
+    Fitted on val and applied to test by :func:`apply_temperature`. ``log probs`` of a Monte Carlo
+    predictive work as logits (softmax of them gives the predictive back at T = 1). A golden-section
+    search on log T: the NLL is unimodal in it.
+
+    Args:
+        probs: ``[N, C]``; labels: ``[N]``.
+    """
+    logp = probs.double().clamp_min(1e-12).log()
+    labels = labels.to(probs.device)
+
+    def nll(log_t: float) -> float:
+        return float(-torch.log_softmax(logp / math.exp(log_t), -1).gather(-1, labels[:, None]).mean())
+
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)
+
+
+def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log probs / T)``: ``[N, C]`` -> ``[N, C]``."""
+    return torch.softmax(probs.double().clamp_min(1e-12).log() / temperature, -1).to(probs.dtype)
+
+
+def bootstrap_intervals(probs: torch.Tensor, labels: torch.Tensor, num_resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of :func:`classification_metrics` by resampling the test images.
+
+    Returns:
+        metric -> ``[low, high]`` at ``level``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    draws = {k: [] for k in ("accuracy", "nll", "ece", "brier")}
+    probs, labels = probs.double().cpu(), labels.cpu()
+    for _ in range(num_resamples):
+        idx = torch.randint(0, n, (n,), generator=g)
+        for k, v in classification_metrics(probs[idx], labels[idx]).items():
+            draws[k].append(v)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {k: [float(x) for x in torch.quantile(torch.tensor(v, dtype=torch.float64), q)] for k, v in draws.items()}
+
+
+def selection_accuracy(scores: torch.Tensor, domains: torch.Tensor, domain_tasks: list[list[int]]) -> dict:
+    """How often an image's top-k task vectors are exactly the ones its domain was made with.
+
+    Args:
+        scores: ``[N, T]`` importance of each task vector for each image (e.g. Σ_g inclusion × |E λ|).
+        domains: ``[N]`` the domain of each image, an index into ``domain_tasks``.
+        domain_tasks: per domain, the indices of its source task vectors (k = their number).
+
+    Returns:
+        ``{"overall": float, "per_domain": [float, ...], "chance": [float, ...]}`` (chance: one over
+        the number of k-subsets of the T vectors).
+    """
+    hits = torch.zeros(len(domains), dtype=torch.bool)
+    for d, tasks in enumerate(domain_tasks):
+        sel = (domains == d).cpu()
+        if sel.any() and tasks:
+            top = scores[sel].topk(len(tasks), dim=-1).indices.sort(-1).values.cpu()
+            hits[sel] = (top == torch.tensor(sorted(tasks))).all(-1)
+    per_domain = [float(hits[domains.cpu() == d].float().mean()) if (domains == d).any() else float("nan")
+                  for d in range(len(domain_tasks))]
+    chance = [1 / math.comb(scores.shape[-1], len(t)) if t else float("nan") for t in domain_tasks]
+    return {"overall": float(hits.float().mean()), "per_domain": per_domain, "chance": chance}

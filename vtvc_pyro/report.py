@@ -234,6 +234,27 @@ def plot_uncertainty_vs_error(summary: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_selection(selection: dict, tasks: list[str], path: Path) -> Path:
+    """Selection per domain: how often the image's top-k task vectors are its transforms' (left), and
+    the mean importance Σ_g inclusion × |E λ| of each task vector per domain (right)."""
+    fig, (left, right) = new_figure(1, 2, figsize=(13, 0.5 * len(selection["domains"]) + 3),
+                                    gridspec_kw={"width_ratios": [1, 2]})
+    y = np.arange(len(selection["domains"]))
+    left.barh(y, [100 * v for v in selection["per_domain"]], color="tab:blue", label="VTVC")
+    left.scatter([100 * c for c in selection["chance"]], y, color="k", marker="|", s=200, label="chance")
+    left.set_yticks(y, selection["domains"], fontsize=8)
+    left.invert_yaxis()
+    left.set(xlabel="top-k task vectors = the domain's (%)", xlim=(0, 100),
+             title=f"selection accuracy {100 * selection['overall']:.0f}%")
+    left.legend(fontsize=8)
+    image = right.imshow(np.asarray(selection["score_by_domain"]), aspect="auto", cmap="viridis")
+    right.set_xticks(np.arange(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
+    right.set_yticks(y, selection["domains"], fontsize=8)
+    right.set_title("mean Σ_g inclusion × |E λ| per domain")
+    fig.colorbar(image, ax=right)
+    return save_figure(fig, path)
+
+
 def build_report(run_dir: str | Path) -> dict:
     """Rebuild ``summary.json`` and every figure of a run; returns the summary."""
     run_dir = Path(run_dir)
@@ -251,5 +272,9 @@ def build_report(run_dir: str | Path) -> dict:
         plot_accuracy_coverage(predictions, figures / "accuracy_coverage.png"),
         plot_uncertainty_vs_error(summary, figures / "uncertainty_vs_error.png"),
     )]
+    selection = metrics.get("composition", {}).get("selection")
+    if selection:
+        summary["figures"].append(str(plot_selection(selection, metrics["tasks"], figures / "selection.png")
+                                      .relative_to(run_dir)))
     write_json(run_dir / "summary.json", summary)
     return summary

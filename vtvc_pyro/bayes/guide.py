@@ -1,19 +1,21 @@
-"""Amortized gated posterior q(λ_i | x_i) over composition coefficients.
+"""Amortized gated posterior q(λ_i | x_i) over per-sample composition coefficients (the ``flat`` model).
 
 An inference network reads the frozen base image features ``e_i`` of a sample and outputs the
 parameters of every latent site the prior declares (for the default spike-and-slab: per (task,
-group) the slab mean μ, the slab log-variance (clamped) and the gate logit ℓ). The ``global``
-guide replaces the networks by learned constants: one posterior shared by all samples.
+group) the slab mean μ, the slab log-variance (clamped) and the gate logit ℓ).
 
-Gated sampling: a component is *kept* when its importance beats a threshold that rises with its
-uncertainty,
+Gated sampling (:func:`keep_rule`): at prediction time a component is *kept* when its importance
+beats a threshold that rises with its uncertainty,
 
-    keep = 1[ |μ| ≥ τ0 (1 + β tanh(σ / |μ|)) ],
+    keep = 1[ |μ| · n_tg ≥ τ0 (1 + β tanh(σ / |μ|)) ],
 
-soft in training (a sigmoid of the margin) and hard in evaluation. The rule acts on the gate's
-inclusion probability, q(gate = 1) = sigmoid(ℓ) · keep, so a dropped component is deterministically
-zero and contributes no sampling variance, and the ELBO accounts for it exactly. Gates are
-relaxed-Bernoulli straight-through samples (hard 0/1 forward, relaxed gradient).
+where ``n_tg`` is the size of the component's task vector relative to the other tasks' vectors of
+the same block (see :meth:`~vtvc_pyro.compose.engine.Composer.component_scales`), so that τ0 means the same
+for a large and a small task vector. The rule is applied after training only, as a hard 0/1 on
+the gate's inclusion probability, q(gate = 1) = sigmoid(ℓ) · keep: a dropped component is exactly
+zero and adds no sampling variance. (Applied in training as a soft sigmoid, as the authors'
+development code does, it multiplies q(gate = 1) by a value below 1 and so *raises* the gate's
+variance.) τ0 and β are hyperparameters chosen on val.
 """
 
 from __future__ import annotations
@@ -29,6 +31,64 @@ from torch.distributions.utils import clamp_probs
 
 from ..errors import ConfigError
 from .priors import Prior, Site
+
+
+def keep_rule(loc: torch.Tensor, scale: torch.Tensor, component_scale: torch.Tensor, tau0: float,
+              beta: float) -> torch.Tensor:
+    """Hard keep weight (0/1) of each component, shapes broadcast: importance ``|loc| · component_scale``
+    against the threshold ``tau0 (1 + beta tanh(scale / |loc|))``."""
+    importance = loc.abs() * component_scale
+    uncertainty = torch.tanh(scale / (loc.abs() + 1e-8))
+    return (importance >= tau0 * (1 + beta * uncertainty)).to(loc.dtype)
+
+
+def site_posterior(prior: Prior, site: Site, p: dict, temperature: float, values: dict) -> dist.Distribution:
+    """q of ``site`` from its parameters ``p``, given the values drawn for the sites before it."""
+    if site.support == "binary":
+        q = dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
+    elif site.support == "positive":
+        q = dist.LogNormal(p["loc"], p["scale"])
+    else:
+        q = dist.Normal(p["loc"], p["scale"])
+    return prior.condition_posterior(site.name, q, values)
+
+
+def point_values(prior: Prior, params: dict) -> dict[str, torch.Tensor]:
+    """Deterministic site values: gates at q(gate = 1), real sites at their (conditional) mean,
+    positive sites at their median."""
+    values = {}
+    for site in prior.sites:
+        p = params[site.name]
+        if site.support == "binary":
+            values[site.name] = p["probs"]
+        elif site.support == "positive":
+            values[site.name] = p["loc"].exp()
+        else:
+            # no argument checks: a diverged fit should evaluate to NaN, not raise (see fit_svi)
+            with pyro.validation_enabled(False):
+                values[site.name] = site_posterior(prior, site, p, 1.0, values).mean
+    return values
+
+
+def sample_sites(prior: Prior, params: dict, num_samples: int, temperature: float) -> dict[str, torch.Tensor]:
+    """``num_samples`` draws of every site (outside Pyro), each ``[S, *params shape]``.
+
+    ``rsample``, not ``sample``: only ``rsample`` quantizes the relaxed gate draw to exact 0/1.
+    """
+    values = {}
+    for site in prior.sites:
+        q = site_posterior(prior, site, params[site.name], temperature, values)
+        conditional = len(q.batch_shape) > len(params[site.name]["probs" if site.support == "binary" else "loc"].shape)
+        values[site.name] = q.rsample() if conditional else q.rsample((num_samples,))
+    return values
+
+
+def gate_logit_start(prior: Prior, gate_logit_init: float | None) -> float:
+    """The gates' initial logit: ``gate_logit_init``, or the prior's own inclusion logit when it is ``None``."""
+    if gate_logit_init is not None:
+        return float(gate_logit_init)
+    pi = getattr(prior, "pi", 0.5)
+    return math.log(pi / (1 - pi))
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, init_std: float) -> nn.Sequential:
@@ -63,15 +123,16 @@ class AmortizedGatedGuide(PyroModule):
         num_tasks, num_groups: ``T`` and ``G`` (coefficient shape per sample).
         prior: the model's prior; its :attr:`~vtvc_pyro.bayes.priors.Prior.sites` decide the guide's sites.
         hidden: hidden width of each head; default ``max(D // 4, T·G)`` as in the authors' code.
-        gate_rule: apply the deterministic keep rule (off: plain relaxed-Bernoulli gates).
-        amortized: heads are MLPs of the features; ``False`` gives the global guide, one posterior
-            shared by every sample (task-level VI in a per-sample model).
-        tau0, beta: threshold parameters; ``learn_threshold`` makes them trainable (log-parameterised).
-        sharpness: slope of the soft keep rule in training.
+        gate_rule: apply the deterministic keep rule at prediction time (off: plain relaxed-Bernoulli gates).
+        amortized: heads are MLPs of the features; ``False`` gives one posterior shared by every
+            sample *inside* the data plate (each image still draws its own λ; for task-level VI use
+            the hierarchical model's ``global`` guide).
+        tau0, beta: keep-rule threshold parameters.
+        component_scale: ``[T, G]`` relative task-vector size of each component (default: ones).
         init_std: std of the heads' initial weights and biases.
         slab_mean_init, gate_logit_init, slab_logvar_init: added to the initial output biases of the
             ``slab`` loc head (real slabs only; other sites start at their declared ``init``), of every
-            gate-logit head and of every log-variance head.
+            gate-logit head (``None``: the prior's inclusion logit) and of every log-variance head.
         logvar_min, logvar_max: clamp of the log-variances.
     """
 
@@ -86,11 +147,10 @@ class AmortizedGatedGuide(PyroModule):
         amortized: bool = True,
         tau0: float = 0.05,
         beta: float = 1.0,
-        learn_threshold: bool = True,
-        sharpness: float = 20.0,
+        component_scale: torch.Tensor | None = None,
         init_std: float = 0.01,
         slab_mean_init: float = 0.0,
-        gate_logit_init: float = 0.0,
+        gate_logit_init: float | None = None,
         slab_logvar_init: float = -4.0,
         logvar_min: float = -8.0,
         logvar_max: float = 2.0,
@@ -120,15 +180,10 @@ class AmortizedGatedGuide(PyroModule):
             self.heads[f"{site.name}_loc"] = head(site, loc_init)
             self.heads[f"{site.name}_logvar"] = head(site, slab_logvar_init)
         for site in (s for s in prior.sites if s.support == "binary"):
-            self.heads[f"{site.name}_logit"] = head(site, gate_logit_init)
-        log_tau0 = torch.tensor(math.log(tau0))
-        log_beta = torch.tensor(math.log(max(beta, 1e-8)))
-        if learn_threshold:
-            self.log_tau0, self.log_beta = nn.Parameter(log_tau0), nn.Parameter(log_beta)
-        else:
-            self.register_buffer("log_tau0", log_tau0)
-            self.register_buffer("log_beta", log_beta)
-        self.sharpness = sharpness
+            self.heads[f"{site.name}_logit"] = head(site, gate_logit_start(prior, gate_logit_init))
+        self.tau0, self.beta = float(tau0), float(beta)
+        scale = torch.ones(num_tasks, num_groups) if component_scale is None else component_scale.float()
+        self.register_buffer("component_scale", scale)
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
 
     def posterior_params(self, features: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -136,8 +191,8 @@ class AmortizedGatedGuide(PyroModule):
 
         Returns:
             site name -> parameters: ``loc`` and ``scale`` for continuous sites (log scale for
-            positive ones); for the gate ``logit``, ``keep`` (soft in training, hard in eval) and
-            ``probs`` = sigmoid(logit) · keep.
+            positive ones); for the gate ``logit``, ``keep`` (the hard rule in eval, ones in
+            training) and ``probs`` = sigmoid(logit) · keep.
         """
         n = features.shape[0]
         out = {}
@@ -151,7 +206,8 @@ class AmortizedGatedGuide(PyroModule):
             out[site.name] = {"loc": loc, "scale": torch.exp(0.5 * logvar)}
         if self.has_gate:
             gate = out[self.prior.gate_site]
-            keep = self._gate_keep(out, gate["logit"].shape) if self.gate_rule else torch.ones_like(gate["logit"])
+            use_rule = self.gate_rule and not self.training
+            keep = self._gate_keep(out, gate["logit"].shape) if use_rule else torch.ones_like(gate["logit"])
             gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
         return out
 
@@ -162,48 +218,18 @@ class AmortizedGatedGuide(PyroModule):
         if self._site(self.prior.value_site).support == "positive":  # LogNormal: median and its spread
             point = point.exp()
             spread = point * spread
+        scale = self.component_scale
         while point.dim() > len(gate_shape):  # e.g. one gate per task: mean over its groups
-            point, spread = point.abs().mean(-1), spread.mean(-1)
-        return self.keep(point, spread)
+            point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
+        return keep_rule(point, spread, scale, self.tau0, self.beta)
 
     def _site(self, name: str) -> Site:
         return next(s for s in self.prior.sites if s.name == name)
 
-    def keep(self, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Keep weight of each component: importance |μ| against τ0 (1 + β tanh(σ/|μ|))."""
-        importance = loc.abs()
-        uncertainty = torch.tanh(scale / (importance + 1e-8))
-        threshold = self.log_tau0.exp() * (1 + self.log_beta.exp() * uncertainty)
-        if self.training:
-            return torch.sigmoid(self.sharpness * (importance - threshold))
-        return (importance >= threshold).to(loc.dtype)
-
-    def _posterior(self, site: Site, p: dict, temperature: float, values: dict) -> dist.Distribution:
-        """q of ``site`` given the values drawn for the sites before it (the prior may condition on them)."""
-        if site.support == "binary":
-            q = dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
-        elif site.support == "positive":
-            q = dist.LogNormal(p["loc"], p["scale"])
-        else:
-            q = dist.Normal(p["loc"], p["scale"])
-        return self.prior.condition_posterior(site.name, q, values)
-
     def mean_coefficients(self, features: torch.Tensor) -> torch.Tensor:
         """Deterministic coefficients ``[N, T, G]``: gates at q(gate) (eval: hard keep), real sites at
         their (conditional) mean, positive sites at their median, combined by the prior."""
-        params = self.posterior_params(features)
-        values = {}
-        for site in self.prior.sites:
-            p = params[site.name]
-            if site.support == "binary":
-                values[site.name] = p["probs"]
-            elif site.support == "positive":
-                values[site.name] = p["loc"].exp()
-            else:
-                # no argument checks: a diverged fit should evaluate to NaN, not raise (see fit_svi)
-                with pyro.validation_enabled(False):
-                    values[site.name] = self._posterior(site, p, 1.0, values).mean
-        return self.prior.combine(values)
+        return self.prior.combine(point_values(self.prior, self.posterior_params(features)))
 
     def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
         """Pyro guide; mirrors :meth:`VTVCModel.forward` site by site (the prior's sites, in order)."""
@@ -213,15 +239,13 @@ class AmortizedGatedGuide(PyroModule):
         with pyro.plate("data", num_data, subsample=torch.arange(features.shape[0], device=features.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
                 for site in self.prior.sites:
-                    p = params[site.name]
-                    q = self._posterior(site, p, temperature, values)
+                    q = site_posterior(self.prior, site, params[site.name], temperature, values)
                     q = q.to_event(len(site.dims(self.num_tasks, self.num_groups)))
-                    analytic = site.support == "binary" and self.prior.analytic_kl
-                    with pyro.poutine.mask(mask=not analytic):
+                    with pyro.poutine.mask(mask=site.name not in self.prior.kl_sites):
                         values[site.name] = pyro.sample(site.name, q)
-                    if analytic:
-                        # a guide factor adds to log q, so +KL here subtracts the exact gate KL from the ELBO
-                        pyro.factor(f"{site.name}_kl", self.prior.gate_kl(p["probs"]), has_rsample=True)
+                if self.prior.kl_sites:
+                    # a guide factor adds to log q, so +KL here subtracts the exact KL from the ELBO
+                    pyro.factor("kl", self.prior.kl(params), has_rsample=True)
         return params
 
     @torch.no_grad()
@@ -231,13 +255,7 @@ class AmortizedGatedGuide(PyroModule):
         Returns:
             ``lam [S, N, T, G]`` and ``gate [S, N, T, G]`` (ones without a gate site).
         """
-        params = self.posterior_params(features)
-        # rsample, not sample: only rsample quantizes the relaxed gate draw to exact 0/1.
-        values = {}
-        for site in self.prior.sites:
-            q = self._posterior(site, params[site.name], temperature, values)
-            conditional = len(q.batch_shape) > 1 + len(site.dims(self.num_tasks, self.num_groups))  # has the S dim
-            values[site.name] = q.rsample() if conditional else q.rsample((num_samples,))
+        values = sample_sites(self.prior, self.posterior_params(features), num_samples, temperature)
         return self.prior.combine(values), self.prior.inclusion(values)
 
 

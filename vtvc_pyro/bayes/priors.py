@@ -57,9 +57,9 @@ class Prior:
     name = ""
     formula = ""
     sites: tuple[Site, ...] = ()
-    gate_site: str | None = None  # the binary site the guide's keep rule acts on (then define gate_kl)
+    gate_site: str | None = None  # the binary site the guide's keep rule acts on
     value_site: str = "slab"  # the site whose |mean| and spread drive the keep rule
-    analytic_kl = False
+    kl_sites: tuple[str, ...] = ()  # sites whose KL :meth:`kl` gives in closed form (masked out of the Monte Carlo ELBO)
 
     @property
     def has_gate(self) -> bool:
@@ -78,6 +78,18 @@ class Prior:
         """The guide's q of site ``name`` given the sites drawn before it (default: independent, ``q``)."""
         return q
 
+    def kl(self, params: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Closed-form KL(q ‖ p) of the :attr:`kl_sites`, summed over their site dims.
+
+        Args:
+            params: site name -> the guide's parameters (``probs`` for gates; ``loc``, ``scale`` for
+                Normal slabs), each ``[*batch, *site shape]``.
+
+        Returns:
+            ``[*batch]`` (``[N]`` for per-sample sites, ``[]`` for the global composition).
+        """
+        raise NotImplementedError
+
     def inclusion(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """The gate broadcast to ``[..., T, G]`` (ones without a gate), for diagnostics."""
         slab = values[self.value_site]
@@ -86,23 +98,24 @@ class Prior:
         gate = values[self.gate_site]
         return (gate[..., None] if gate.dim() < slab.dim() else gate).expand_as(slab)
 
-    def sample(self, num_tasks: int, num_groups: int, like: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Sample every declared site inside the caller's plates; returns λ ``[..., T, G]``."""
+    def sample(self, num_tasks: int, num_groups: int, like: torch.Tensor, temperature: float,
+               name: str = "lam") -> torch.Tensor:
+        """Sample every declared site inside the caller's plates; returns λ ``[..., T, G]`` (recorded as ``name``)."""
         values = {}
         for site in self.sites:
             prior = self.site_prior(site.name, values, like, temperature)
             dims = site.dims(num_tasks, num_groups)
             if prior.batch_shape == torch.Size():
                 prior = prior.expand(dims)
-            # With analytic_kl a binary site's relaxed density is masked out of the ELBO and the guide
-            # adds the exact Bernoulli KL instead (see gate_kl): the Monte Carlo KL of relaxed
-            # Bernoullis at a low temperature is large and noisy enough to drown the likelihood.
-            with pyro.poutine.mask(mask=not (site.support == "binary" and self.analytic_kl)):
+            # The kl_sites' densities are masked out of the ELBO and the guide adds their exact KL
+            # instead (see kl): the Monte Carlo KL of relaxed Bernoullis at a low temperature is large
+            # and noisy enough to drown the likelihood.
+            with pyro.poutine.mask(mask=site.name not in self.kl_sites):
                 values[site.name] = pyro.sample(site.name, prior.to_event(len(dims)))
-        return pyro.deterministic("lam", self.combine(values), event_dim=2)
+        return pyro.deterministic(name, self.combine(values), event_dim=2)
 
     def settings(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "kl_sites"}
 
 
 def _positive(name: str, value: float) -> float:
@@ -117,6 +130,31 @@ def _probability(name: str, value: float) -> float:
     if not 0 < value < 1:
         raise ConfigError(f"prior argument {name} must lie in (0, 1), got {value}")
     return value
+
+
+def bernoulli_kl(probs: torch.Tensor, pi: torch.Tensor | float) -> torch.Tensor:
+    """Elementwise KL(Bernoulli(probs) ‖ Bernoulli(pi))."""
+    pi = torch.as_tensor(pi, dtype=probs.dtype, device=probs.device)
+    return probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
+
+
+def normal_kl(loc: torch.Tensor, scale: torch.Tensor, prior_scale: float) -> torch.Tensor:
+    """Elementwise KL(N(loc, scale²) ‖ N(0, prior_scale²))."""
+    return math.log(prior_scale) - scale.log() + (scale**2 + loc**2) / (2 * prior_scale**2) - 0.5
+
+
+def spike_slab_kl(probs, loc, scale, pi: float, slab_scale: float) -> torch.Tensor:
+    """Elementwise KL of the paired spike-and-slab posterior against the spike-and-slab prior.
+
+    q(gate) = Bernoulli(γ), q(slab | gate = 1) = N(μ, σ²), q(slab | gate = 0) = p(slab) = N(0, σ0²):
+
+        KL = γ · KL(N(μ, σ²) ‖ N(0, σ0²)) + KL(Bernoulli(γ) ‖ Bernoulli(π)).
+
+    A switched-off component (γ → 0) costs only the Bernoulli term: its slab is the prior's.
+    ``probs`` broadcasts against ``loc``/``scale`` (one gate per task: pass ``probs[..., None]``
+    and sum the Bernoulli term once per gate, as :class:`TaskSpikeAndSlab` does).
+    """
+    return probs * normal_kl(loc, scale, slab_scale) + bernoulli_kl(probs, pi)
 
 
 def _relaxed_gate(pi: float, like: torch.Tensor, temperature: float) -> dist.Distribution:
@@ -139,17 +177,21 @@ class SpikeAndSlab(Prior):
         self.pi = _probability("pi", pi)
         self.slab_scale = _positive("slab_scale", slab_scale)
         self.analytic_kl = bool(analytic_kl)
+        # the paired slab (q(slab | gate = 0) = p(slab)) makes the pair's KL closed-form; without
+        # analytic_kl both sites are scored by Monte Carlo, the slab at its mean-field density
+        self.kl_sites = ("gate", "slab") if self.analytic_kl else ()
 
     def site_prior(self, name, values, like, temperature):
         if name == "gate":
             return _relaxed_gate(self.pi, like, temperature)
         return dist.Normal(like.new_zeros(()), self.slab_scale)
 
-    def gate_kl(self, probs: torch.Tensor) -> torch.Tensor:
-        """KL(Bernoulli(q) ‖ Bernoulli(π)) summed over a sample's gates: ``[N, *gate shape]`` -> ``[N]``."""
-        pi = probs.new_tensor(self.pi)
-        kl = probs * (probs.log() - pi.log()) + (1 - probs) * ((1 - probs).log() - (1 - pi).log())
-        return kl.flatten(1).sum(-1)
+    def kl(self, params):
+        probs, slab = params["gate"]["probs"], params["slab"]
+        if probs.dim() < slab["loc"].dim():  # one gate per task: its Bernoulli term counts once
+            slab_kl = probs * normal_kl(slab["loc"], slab["scale"], self.slab_scale).sum(-1)
+            return (slab_kl + bernoulli_kl(probs, self.pi)).sum(-1)
+        return spike_slab_kl(probs, slab["loc"], slab["scale"], self.pi, self.slab_scale).flatten(-2).sum(-1)
 
     def combine(self, values):
         gate = values["gate"]
@@ -179,6 +221,7 @@ class ContinuousSpikeAndSlab(SpikeAndSlab):
 
     def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, spike_scale: float = 0.01, analytic_kl: float = 1.0):
         super().__init__(pi, slab_scale, analytic_kl)
+        self.kl_sites = ("gate",) if self.analytic_kl else ()  # the slab's KL is conditional on the gate: Monte Carlo
         self.spike_scale = _positive("spike_scale", spike_scale)
         if self.spike_scale >= self.slab_scale:
             raise ConfigError(f"spike_scale ({spike_scale}) must be smaller than slab_scale ({slab_scale})")
@@ -202,6 +245,9 @@ class ContinuousSpikeAndSlab(SpikeAndSlab):
         gate = values["gate"]
         return dist.Normal(gate * q.loc, gate * q.scale + (1 - gate) * self.spike_scale)
 
+    def kl(self, params):
+        return bernoulli_kl(params["gate"]["probs"], self.pi).flatten(-2).sum(-1)
+
     def combine(self, values):
         return values["slab"]
 
@@ -217,6 +263,14 @@ class NegativeSpikeAndSlab(SpikeAndSlab):
     name = "spike_slab_negative"
     formula = "λ = −gate · slab,  gate ~ Bernoulli(π),  slab ~ HalfNormal(σ0)"
     sites = (Site("gate", "tg", "binary"), Site("slab", "tg", "positive", init=math.log(0.3)))
+
+    def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, analytic_kl: float = 1.0):
+        super().__init__(pi, slab_scale, analytic_kl)
+        # KL(LogNormal ‖ HalfNormal) has no closed form: the slab is scored by Monte Carlo
+        self.kl_sites = ("gate",) if self.analytic_kl else ()
+
+    def kl(self, params):
+        return bernoulli_kl(params["gate"]["probs"], self.pi).flatten(-2).sum(-1)
 
     def site_prior(self, name, values, like, temperature):
         if name == "gate":
@@ -251,11 +305,16 @@ class Gaussian(SlabOnlyPrior):
     name = "gaussian"
     formula = "p(λ) = N(0, σ0²)"
 
+    kl_sites = ("slab",)
+
     def __init__(self, slab_scale: float = 1.0):
         self.slab_scale = _positive("slab_scale", slab_scale)
 
     def slab_distribution(self, like):
         return dist.Normal(like.new_zeros(()), self.slab_scale)
+
+    def kl(self, params):
+        return normal_kl(params["slab"]["loc"], params["slab"]["scale"], self.slab_scale).flatten(-2).sum(-1)
 
 
 @register

@@ -1,8 +1,10 @@
 """SVI for VTVC: the loop (Pyro's ``svi_torch`` pattern), checkpoints, and the predictive.
 
 The ELBO is an ``nn.Module`` (``Trace_ELBO()(model, guide)``) trained with a torch optimiser:
-AdamW, cosine schedule, gradient clipping. Every ``eval_every`` steps the deterministic gated
-mean is scored on val and the best guide state is kept (the same protocol as the aTLAS baseline).
+AdamW, cosine schedule, gradient clipping; the global posterior's constants (the hierarchical
+model's ``composition``) are optimised at ``global_lr`` without weight decay, the budget of the
+aTLAS baseline's shared coefficients. Every ``eval_every`` steps the Monte Carlo predictive (the one
+that is reported) is scored on val and the state with the lowest val NLL is kept.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from .. import distributed
@@ -39,7 +41,9 @@ class FitResult:
     elbo_trace: list[float] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
     best_step: int = 0
+    best_score: float = -math.inf
     best_val_accuracy: float = -1.0
+    best_val_nll: float = math.inf
     seconds: float = 0.0
     samples_per_second: float = 0.0
 
@@ -73,6 +77,19 @@ def val_accuracy(model: VTVCModel, guide: AmortizedGatedGuide, val) -> float:
     return float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
 
 
+def predictive_scores(model, guide, val, num_samples: int, temperature: float, seed: int = 0) -> dict[str, float]:
+    """NLL and accuracy of the Monte Carlo predictive on ``val = (images, features, labels)``.
+
+    The draws use their own seed (common random numbers across checkpoints) and leave the
+    training RNG untouched.
+    """
+    with torch.random.fork_rng(devices=[val[0].device] if val[0].is_cuda else []):
+        probs = sample_probs(model, guide, val[0], val[1], num_samples, temperature, generator_seed=seed)[0].mean(0)
+    labels = val[2].to(probs.device)
+    nll = -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean()
+    return {"nll": float(nll), "accuracy": float((probs.argmax(-1) == labels).float().mean())}
+
+
 @torch.no_grad()
 def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
                  max_copies: int = 512, generator_seed: int | None = None):
@@ -95,6 +112,31 @@ def sample_probs(model, guide, images, features, num_samples: int = 20, temperat
         lams.append(lam)
         gates.append(gate)
     return torch.cat(probs, 1), torch.cat(lams, 1), torch.cat(gates, 1)
+
+
+def parameter_groups(guide: torch.nn.Module, cfg: SVIConfig) -> list[dict]:
+    """Optimiser groups: the global posterior's constants (``composition.*``) at ``cfg.global_lr``
+    without decay; the networks' weight matrices with ``cfg.weight_decay``; their biases (which hold
+    the initial posterior) without."""
+    named = [(n, p) for n, p in guide.named_parameters() if p.requires_grad]
+    composition = [p for n, p in named if n.startswith("composition.")]
+    rest = [(n, p) for n, p in named if not n.startswith("composition.")]
+    groups = [{"params": [p for n, p in rest if n.endswith("weight")], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in rest if not n.endswith("weight")], "weight_decay": 0.0}]
+    if composition:
+        groups.append({"params": composition, "weight_decay": 0.0, "lr": cfg.global_lr})
+    return [g for g in groups if g["params"]]
+
+
+def evaluate_checkpoint(model, guide, val, cfg: SVIConfig, score: Callable | None, seed: int, multi: bool) -> dict:
+    """The val record of the current state: ``val_score`` (higher is better) plus what it is made of."""
+    if score is not None:
+        return {"val_score": float(score(model, guide, val))}
+    if multi:  # every rank scores its shard of val with the gated mean
+        acc = distributed.sharded_accuracy(lambda x, f: mean_probs(model, guide, x, f), *val)
+        return {"val_score": acc, "val_accuracy": acc}
+    scores = predictive_scores(model, guide, val, cfg.val_samples, cfg.eval_temperature, seed)
+    return {"val_score": -scores["nll"], "val_nll": scores["nll"], "val_accuracy": scores["accuracy"]}
 
 
 class _StopRequest:
@@ -140,7 +182,8 @@ def fit_svi(
             uninterrupted fit's.
         seed: seeds Pyro, the mini-batch order and the posterior draws.
         score: ``score(model, guide, val) -> float``, higher is better, selects the best state
-            (default: val accuracy of the gated mean coefficients); recorded as ``val_accuracy``.
+            (default: minus the val NLL of the Monte Carlo predictive with ``cfg.val_samples`` draws,
+            whose NLL and accuracy are recorded too).
 
     Raises:
         NumericalError: the loss or a gradient is NaN/Inf (unless ``cfg.skip_nonfinite``); the
@@ -158,16 +201,12 @@ def fit_svi(
         if cfg.batch_size % distributed.world_size():
             log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
                         cfg.batch_size, distributed.world_size())
-    elbo_cls = ELBOS[cfg.elbo]
+    # a guide that enumerates a discrete site (the mixture's component) needs the enumerating ELBO
+    elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
                        max_plate_nesting=1)(model, guide)
-    named = [(n, p) for n, p in guide.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    # no decay on biases (they hold the initial posterior) nor on the gate threshold's log τ0, log β
-    decay = [p for n, p in named if n.endswith("weight")]
-    no_decay = [p for n, p in named if not n.endswith("weight")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     sampler = MinibatchSampler(len(images), cfg.batch_size, seed)
     result = FitResult()
@@ -189,7 +228,8 @@ def fit_svi(
     def save(step: int) -> None:
         if not distributed.is_main():
             return
-        history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_val_accuracy")}
+        history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_score",
+                                                     "best_val_accuracy", "best_val_nll")}
         save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
 
     start = time.time()
@@ -241,17 +281,13 @@ def fit_svi(
                 elbo = distributed.mean_scalar(elbo, features.device)
             result.elbo_trace.append(elbo)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                if score is not None:
-                    acc = float(score(model, guide, val))
-                elif multi:
-                    acc = distributed.sharded_accuracy(lambda x, f: mean_probs(model, guide, x, f), *val)
-                else:
-                    acc = val_accuracy(model, guide, val)
-                result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None,
-                                           "val_accuracy": acc})
-                bar.set_postfix(elbo=f"{elbo:.1f}", val_acc=f"{acc:.3f}")
-                if acc > result.best_val_accuracy:
-                    result.best_val_accuracy, result.best_step = acc, step
+                record = evaluate_checkpoint(model, guide, val, cfg, score, seed, multi)
+                result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None, **record})
+                bar.set_postfix(elbo=f"{elbo:.1f}", val=f"{record['val_score']:.3f}")
+                if record["val_score"] > result.best_score:
+                    result.best_score, result.best_step = record["val_score"], step
+                    result.best_val_accuracy = record.get("val_accuracy", -1.0)
+                    result.best_val_nll = record.get("val_nll", math.inf)
                     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
             if multi and distributed.any_true(stop.signal is not None, features.device):
                 stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step

@@ -247,11 +247,24 @@ def _selected(ns: Namespace) -> tuple[list[str], Namespace]:
         table, key = table[name], f"{name}_command"
 
 
+REPEATABLE = ("--sweep",)
+"""List flags that may be given once per item (``--sweep a=1,2 --sweep b=3``) as well as as a YAML list."""
+
+
+def _repeated_flags(argv: list[str]) -> list[str]:
+    """``--sweep X`` -> ``--sweep+ X`` (jsonargparse's append) unless X is a YAML list."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg in REPEATABLE and not out[i + 1].lstrip().startswith("["):
+            out[i] = f"{arg}+"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``vtvc ARGV``; a :class:`VTVCError` becomes one line on stderr and exit status 2."""
     parser = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(_repeated_flags(sys.argv[1:] if argv is None else argv))
     except argparse.ArgumentError as err:  # one line, as for every other bad input
         message = " ".join(str(err).split())
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -167,6 +167,23 @@ class Composer(torch.nn.Module):
             raise ConfigError("the lowrank strategy needs a low-rank bank: make one with vtvc_pyro.bank.low_rank.truncate_bank")
         return strategy
 
+    @torch.no_grad()
+    def component_scales(self) -> torch.Tensor:
+        """``[T, G]``: the size ‖τ_t,g‖ of each component's task vector (Frobenius norm over the group's
+        blocks) relative to the mean size of the T task vectors in that group.
+
+        A coefficient λ_tg changes the weights by λ_tg ‖τ_t,g‖, so ``|λ_tg| · scale_tg`` compares
+        components of large and small task vectors on one footing (the keep rule's importance).
+        A group whose vectors are all zero gets scale 1.
+        """
+        sq = torch.zeros(self.num_tasks, self.num_groups, dtype=torch.float64)
+        for name in self.bank.blocks:
+            delta = self.bank.block_delta(name).double().flatten(1)  # [T, numel]
+            sq[:, self.group_of_block[name]] += delta.pow(2).sum(-1).cpu()
+        norms = sq.sqrt()
+        mean = norms.mean(0, keepdim=True)
+        return torch.where(mean > 0, norms / mean.clamp_min(1e-30), torch.ones_like(norms)).float()
+
     def block_coefficients(self, lam: torch.Tensor, name: str) -> torch.Tensor:
         """Coefficients of one block: ``lam [..., T, G]`` -> ``[..., T]``."""
         return lam[..., self.group_of_block[name]]

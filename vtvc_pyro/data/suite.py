@@ -40,12 +40,18 @@ class TaskData:
     Attributes:
         splits: split name (``train``, ``val``, ``test``) -> ``(images [N, 3, 16, 16] float32 in
             [0, 1], labels [N] int64)``.
+        domains: split name -> ``[N]`` the domain each image was made in (an index into
+            ``domain_sources``); empty when the data set does not record it.
+        domain_sources: per domain, the source tasks whose transforms made it (the task vectors a
+            composition should select).
     """
 
     name: str
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    domains: dict[str, torch.Tensor] = field(default_factory=dict)
+    domain_sources: tuple[tuple[str, ...], ...] = ()
 
     def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         from ..errors import DataError
@@ -132,6 +138,14 @@ TARGETS: dict[str, tuple[Callable, ...]] = {
     "rot-noise": (chain(rotated, noisy),),
     "inv-tint": (chain(inverted, tinted),),
     "mixed": (chain(rotated, blurry), chain(inverted, noisy), chain(edges, tinted)),
+}
+
+#: The source tasks behind each transform of :data:`TARGETS`, in the same order.
+TARGET_SOURCES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "rot-noise": (("digits-rotated", "digits-noisy"),),
+    "inv-tint": (("digits-inverted", "digits-tinted"),),
+    "mixed": (("digits-rotated", "digits-blurry"), ("digits-inverted", "digits-noisy"),
+              ("digits-edges", "digits-tinted")),
 }
 
 #: Transformed digits shown during pretraining, per source transform: enough for zero-shot above
@@ -242,7 +256,7 @@ def target_task(name: str, seed: int = 0) -> TaskData:
     pools = digit_pools(seed)
     fns = TARGETS[name]
     g = torch.Generator().manual_seed(seed * 1000 + 100 + list(TARGETS).index(name))
-    splits = {}
+    splits, domains = {}, {}
     for s in ("train", "val", "test"):
         idx = pools[f"B-{s}"]
         imgs = x[idx]
@@ -253,7 +267,8 @@ def target_task(name: str, seed: int = 0) -> TaskData:
             if sel.any():
                 out[sel] = fn(imgs[sel], g)
         splits[s] = (normalize(out), y[idx])
-    return TaskData(name, DIGIT_NAMES, DIGIT_TEMPLATES, splits)
+        domains[s] = which
+    return TaskData(name, DIGIT_NAMES, DIGIT_TEMPLATES, splits, domains, TARGET_SOURCES[name])
 
 
 def pretraining_corpus(seed: int = 0) -> tuple[torch.Tensor, list[str]]:

@@ -1,7 +1,8 @@
 """The baselines' registry: a thin wrapper per method of :mod:`.merges` and :mod:`.learned`.
 
-Each wrapper in :data:`BASELINES` turns :class:`BaselineInputs` into test-set class
-probabilities, so the protocols and ``vtvc ablate`` run any of them by name.
+Each wrapper in :data:`BASELINES` turns :class:`BaselineInputs` into a composer and the shared
+coefficients it chose; :func:`run_baseline` scores them on val and test, so the protocols and
+``vtvc ablate`` run any of them by name (val probabilities are what temperature scaling is fitted on).
 
 Protocol (as for VTVC): coefficients are chosen or learned on the target's train split, selected on
 val, reported on test. AdaMerging is the exception, by design: it minimises prediction entropy on
@@ -19,7 +20,7 @@ from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
 from ..config import ALL_BASELINES
 from ..errors import ConfigError
-from .learned import adamerging, learn_shared_coefficients
+from .learned import tuned_adamerging, tuned_shared_coefficients
 from .merges import (
     average_coefficients,
     choose_on_val,
@@ -29,6 +30,10 @@ from .merges import (
     ties_merge,
     zero_coefficients,
 )
+
+
+TIES_DENSITIES = (0.1, 0.2, 0.5)
+"""TIES's trim densities (the paper's default 0.2 and one on each side), chosen on val with λ."""
 
 
 # ---------------------------------------------------------------- registry of thin wrappers
@@ -43,7 +48,7 @@ class BaselineInputs:
         train, val: ``(images [N, 3, H, W], labels [N])``.
         test_images: ``[N_test, 3, H, W]`` (AdaMerging adapts on them, without labels).
         own_vector: a one-task bank with the target's own fine-tuned vector, when the bank has it.
-        steps, batch_size, lr, eval_every, seed: for the learned methods (lr: aTLAS's).
+        steps, batch_size, eval_every, seed: the budget of the learned methods (their rates are tuned on val).
     """
 
     visual: torch.nn.Module
@@ -55,7 +60,6 @@ class BaselineInputs:
     own_vector: TaskVectorBank | None = None
     steps: int = 600
     batch_size: int = 64
-    lr: float = 5e-2
     eval_every: int = 50
     seed: int = 0
     progress: bool = False
@@ -66,49 +70,53 @@ class BaselineInputs:
 
 def _zeroshot(inp: BaselineInputs):
     c = inp.composer("task")
-    return predict_shared(c, inp.head, inp.test_images, zero_coefficients(c, inp.head.device)), {}
+    return c, zero_coefficients(c, inp.head.device), {}
 
 
 def _own_finetuned(inp: BaselineInputs):
     if inp.own_vector is None:
-        return None, {"skipped": "the bank has no fine-tuned vector of the target"}
-    c = inp.composer("task", inp.own_vector)
-    return predict_shared(c, inp.head, inp.test_images, torch.ones(1, 1, device=inp.head.device)), {}
+        return None, None, {"skipped": "the bank has no fine-tuned vector of the target"}
+    return inp.composer("task", inp.own_vector), torch.ones(1, 1, device=inp.head.device), {}
 
 
 def _averaging(inp: BaselineInputs):
     c = inp.composer("task")
-    return predict_shared(c, inp.head, inp.test_images, average_coefficients(c, inp.head.device)), {}
+    return c, average_coefficients(c, inp.head.device), {}
 
 
 def _task_arithmetic(inp: BaselineInputs):
     c = inp.composer("task")
     lam, info = task_arithmetic(c, inp.head, inp.val)
-    return predict_shared(c, inp.head, inp.test_images, lam), info
+    return c, lam, info
 
 
 def _ties(inp: BaselineInputs):
     dense = inp.vectors.to_dense() if hasattr(inp.vectors, "to_dense") else inp.vectors  # a low-rank bank
-    c = inp.composer("task", single_vector_bank(dense, ties_merge(dense), "ties"))
-    lam, info = choose_on_val(c, inp.head, inp.val, torch.linspace(0, 2, 21))
-    return predict_shared(c, inp.head, inp.test_images, lam), {**info, "density": 0.2}
+    best = None
+    for density in TIES_DENSITIES:  # density and λ chosen together by val NLL
+        c = inp.composer("task", single_vector_bank(dense, ties_merge(dense, density), "ties"))
+        lam, info = choose_on_val(c, inp.head, inp.val, torch.linspace(0, 2, 21))
+        score = info["valnll_by_lambda"][info["lambda"]]
+        if best is None or score < best[0]:
+            best = (score, c, lam, {**info, "density": density})
+    return best[1:]
 
 
 def _atlas(inp: BaselineInputs):
     c = inp.composer("block")
-    lam, info = learn_shared_coefficients(c, inp.head, inp.train, inp.val, steps=inp.steps, batch_size=inp.batch_size,
-                                          lr=inp.lr, eval_every=inp.eval_every, seed=inp.seed, progress=inp.progress)
-    return predict_shared(c, inp.head, inp.test_images, lam), info
+    lam, info = tuned_shared_coefficients(c, inp.head, inp.train, inp.val, steps=inp.steps, batch_size=inp.batch_size,
+                                          eval_every=inp.eval_every, seed=inp.seed, progress=inp.progress)
+    return c, lam, info
 
 
 def _adamerging(inp: BaselineInputs):
     c = inp.composer("layer")
-    lam, info = adamerging(c, inp.head, inp.test_images, steps=inp.steps, batch_size=inp.batch_size, seed=inp.seed,
-                           progress=inp.progress)
-    return predict_shared(c, inp.head, inp.test_images, lam), {**info, "lambda_mean": float(lam.mean())}
+    lam, info = tuned_adamerging(c, inp.head, inp.test_images, inp.val, steps=inp.steps, batch_size=inp.batch_size,
+                                 seed=inp.seed, progress=inp.progress)
+    return c, lam, {**info, "lambda_mean": float(lam.mean())}
 
 
-BASELINES: dict[str, Callable[[BaselineInputs], tuple[torch.Tensor | None, dict]]] = {
+BASELINES: dict[str, Callable[[BaselineInputs], tuple]] = {
     "zeroshot": _zeroshot,
     "finetuned": _own_finetuned,
     "averaging": _averaging,
@@ -132,8 +140,14 @@ def expand_names(names: list[str]) -> list[str]:
     return out
 
 
-def run_baseline(name: str, inputs: BaselineInputs) -> tuple[torch.Tensor | None, dict]:
-    """Test-set class probabilities ``[N_test, C]`` (``None`` when the method does not apply) and info."""
+def run_baseline(name: str, inputs: BaselineInputs) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """``{"val": [N_val, C], "test": [N_test, C]}`` class probabilities (``None`` when the method does
+    not apply) and what the method chose."""
     if name not in BASELINES:
         raise ConfigError(f"unknown baseline {name!r}: choose from {', '.join(BASELINES)}")
-    return BASELINES[name](inputs)
+    composer, lam, info = BASELINES[name](inputs)
+    if composer is None:
+        return None, info
+    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam),
+             "test": predict_shared(composer, inputs.head, inputs.test_images, lam)}
+    return probs, info

@@ -1,5 +1,8 @@
 """Learned shared coefficients: aTLAS-style block coefficients (labelled train split, selected on val) and
 AdaMerging (entropy minimisation on the unlabelled test inputs: test-time adaptation, by design).
+
+Both are tuned on val like VTVC: each learning rate of a small grid gets the same step budget, and
+the state with the lowest val NLL wins (over checkpoints and learning rates alike).
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from tqdm.auto import tqdm
 
 from ..compose.engine import Composer
 from ..data.batches import minibatch_indices
+from .merges import accuracy, class_logits, nll, predict_shared
 
 log = logging.getLogger(__name__)
 
+ATLAS_LRS = (1e-2, 5e-2, 1e-1)
+"""aTLAS's learning-rate grid (plain Adam, constant rate), each with the full step budget."""
 
-from .merges import accuracy, class_logits, predict_shared
+ADAMERGING_LRS = (1e-3, 1e-2)
+"""AdaMerging's learning-rate grid (Adam, the paper's 1e-3 and a faster one)."""
+
+
+def _val_record(composer, head, val, lam, step: int, **extra) -> dict:
+    probs = predict_shared(composer, head, val[0].to(head.device), lam)
+    return {"step": step, "valnll": nll(probs, val[1]), "valaccuracy": accuracy(probs, val[1]), **extra}
 
 
 def learn_shared_coefficients(
@@ -32,32 +44,38 @@ def learn_shared_coefficients(
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """aTLAS-style: one learned coefficient per (task, group) shared by all samples, zero-initialised,
-    trained with cross-entropy through the frozen head; the checkpoint with the best val accuracy wins.
+    trained with cross-entropy through the frozen head by plain Adam at a constant rate; the
+    checkpoint with the lowest val NLL wins.
 
     Returns:
         ``lam [T, G]`` and a history dict.
     """
     device = head.device
     lam = torch.zeros(composer.num_tasks, composer.num_groups, device=device, requires_grad=True)
-    opt = torch.optim.AdamW([lam], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    best = (-1.0, lam.detach().clone(), 0)
-    history = []
+    opt = torch.optim.Adam([lam], lr=lr)
+    best = _val_record(composer, head, val, lam.detach(), 0)
+    best_lam, history = lam.detach().clone(), [best]
     for step, idx in enumerate(tqdm(minibatch_indices(len(train[0]), batch_size, steps, seed), total=steps,
-                                    desc="atlas", disable=not progress, leave=False), 1):
+                                    desc=f"atlas lr {lr:g}", disable=not progress, leave=False), 1):
         x, y = train[0][idx].to(device), train[1][idx].to(device)
         loss = F.cross_entropy(class_logits(composer.shared(x, lam), head), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([lam], 1.0)
         opt.step()
-        sched.step()
         if step % eval_every == 0 or step == steps:
-            acc = accuracy(predict_shared(composer, head, val[0].to(device), lam.detach()), val[1])
-            history.append({"step": step, "loss": loss.item(), "valaccuracy": acc})
-            if acc > best[0]:
-                best = (acc, lam.detach().clone(), step)
-    return best[1], {"history": history, "best_step": best[2], "best_valaccuracy": best[0]}
+            record = _val_record(composer, head, val, lam.detach(), step, loss=loss.item())
+            history.append(record)
+            if record["valnll"] < best["valnll"]:
+                best, best_lam = record, lam.detach().clone()
+    return best_lam, {"history": history, "best_step": best["step"], "best_valnll": best["valnll"],
+                      "best_valaccuracy": best["valaccuracy"], "lr": lr}
+
+
+def tuned_shared_coefficients(composer, head, train, val, lrs=ATLAS_LRS, **kwargs) -> tuple[torch.Tensor, dict]:
+    """:func:`learn_shared_coefficients` at every rate of ``lrs``; the lowest val NLL wins."""
+    runs = [learn_shared_coefficients(composer, head, train, val, lr=lr, **kwargs) for lr in lrs]
+    lam, info = min(runs, key=lambda run: run[1]["best_valnll"])
+    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["best_valnll"] for r in runs}}
 
 
 def adamerging(
@@ -74,8 +92,8 @@ def adamerging(
     """AdaMerging (Yang et al., ICLR 2024): coefficients learned by minimising the Shannon entropy of
     the predictions on unlabelled test inputs; started at ``init``, clamped to [0, 1] after each step.
 
-    Use a ``layer``-granularity composer for layer-wise AdaMerging. No labels are read, so there is
-    no selection on val: the last coefficients are returned.
+    Use a ``layer``-granularity composer for layer-wise AdaMerging. No labels are read: the last
+    coefficients are returned (:func:`tuned_adamerging` chooses the rate on val).
 
     Returns:
         ``lam [T, G]`` and a history dict (mean entropy every 50 steps).
@@ -85,7 +103,7 @@ def adamerging(
     opt = torch.optim.Adam([lam], lr=lr)
     history = []
     for step, idx in enumerate(tqdm(minibatch_indices(len(unlabeled), batch_size, steps, seed), total=steps,
-                                    desc="adamerging", disable=not progress, leave=False), 1):
+                                    desc=f"adamerging lr {lr:g}", disable=not progress, leave=False), 1):
         logits = class_logits(composer.shared(unlabeled[idx].to(device), lam), head)
         entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
@@ -95,6 +113,15 @@ def adamerging(
             lam.clamp_(0.0, 1.0)
         if step % 50 == 0 or step == steps:
             history.append({"step": step, "entropy": entropy.item()})
-    return lam.detach(), {"history": history}
+    return lam.detach(), {"history": history, "lr": lr}
 
 
+def tuned_adamerging(composer, head, unlabeled, val, lrs=ADAMERGING_LRS, **kwargs) -> tuple[torch.Tensor, dict]:
+    """:func:`adamerging` at every rate of ``lrs``; the rate whose coefficients have the lowest val NLL wins
+    (val labels choose the rate only; the adaptation itself reads no labels)."""
+    runs = []
+    for lr in lrs:
+        lam, info = adamerging(composer, head, unlabeled, lr=lr, **kwargs)
+        runs.append((lam, {**info, **_val_record(composer, head, val, lam, kwargs.get("steps", 600))}))
+    lam, info = min(runs, key=lambda run: run[1]["valnll"])
+    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["valnll"] for r in runs}}

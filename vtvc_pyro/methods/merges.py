@@ -36,6 +36,11 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(-1) == labels.to(probs.device)).float().mean())
 
 
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of ``labels [N]`` under ``probs [N, C]``."""
+    return float(-probs.gather(-1, labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
+
+
 def zero_coefficients(composer: Composer, device) -> torch.Tensor:
     """Zero-shot is the base model: all coefficients zero, ``[T, G]``."""
     return torch.zeros(composer.num_tasks, composer.num_groups, device=device)
@@ -48,21 +53,23 @@ def average_coefficients(composer: Composer, device) -> torch.Tensor:
 
 def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
                   grid: torch.Tensor, direction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The best ``value · direction`` on val over ``grid`` (direction: all ones ``[T, G]`` by default).
+    """The ``value · direction`` with the lowest val NLL over ``grid`` (direction: all ones ``[T, G]`` by default).
 
-    Returns ``lam [T, G]`` and the val accuracy per grid value (ties: the first in grid order).
+    Returns ``lam [T, G]`` and the val NLL and accuracy per grid value (ties: the first in grid order).
     """
     direction = torch.ones(composer.num_tasks, composer.num_groups, device=head.device) if direction is None else direction
-    scores = {round(v, 4): accuracy(predict_shared(composer, head, val[0], v * direction), val[1]) for v in grid.tolist()}
-    best = max(scores, key=scores.get)
-    return best * direction, {"valaccuracy_by_lambda": scores, "lambda": best}
+    probs = {round(v, 4): predict_shared(composer, head, val[0], v * direction) for v in grid.tolist()}
+    nlls = {v: nll(p, val[1]) for v, p in probs.items()}
+    best = min(nlls, key=nlls.get)
+    return best * direction, {"valnll_by_lambda": nlls,
+                              "valaccuracy_by_lambda": {v: accuracy(p, val[1]) for v, p in probs.items()}, "lambda": best}
 
 
 def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
                     grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One λ for the sum of all task vectors, chosen on val from ``grid`` (default 0, 0.05, ..., 1).
 
-    ``composer`` must have ``task`` granularity. Returns ``lam [T, 1]`` and the val accuracy per λ.
+    ``composer`` must have ``task`` granularity. Returns ``lam [T, 1]`` and the val scores per λ.
     """
     return choose_on_val(composer, head, val, torch.linspace(0, 1, 21) if grid is None else grid)
 

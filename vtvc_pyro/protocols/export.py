@@ -18,18 +18,18 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..bank.store import LoadedBank, load_bank
 from ..bank.task_vectors import TaskVectorBank
-from ..bayes.guide import make_guide
-from ..bayes.priors import make_prior
 from ..compose.engine import Composer
 from ..data.benchmarks import clip_preprocess
 from ..data.specs import load_dataset, with_validation
 from ..errors import ConfigError
 from ..io import save_safetensors
-from .transfer import read_run_config
+from ..config import FitConfig, SVIConfig
+from .transfer import build_vtvc, read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,17 @@ def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, 
     return total / len(features)
 
 
-def load_guide_from_run(run_dir: str | Path, feature_dim: int, num_tasks: int, num_groups: int) -> torch.nn.Module:
-    """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``)."""
+def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Tensor, feature_dim: int) -> torch.nn.Module:
+    """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``) on ``composer``."""
     run_dir = Path(run_dir)
     guide_path = run_dir / "guide.safetensors"
     if not (run_dir / "config.json").is_file() or not guide_path.is_file():
         raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run `vtvc fit` first")
     fit, _ = read_run_config(run_dir)
-    guide = make_guide(
-        fit["guide"], feature_dim=feature_dim, num_tasks=num_tasks, num_groups=num_groups,
-        prior=make_prior(fit["prior"], **fit.get("prior_args", {})), hidden=fit.get("hidden"), tau0=fit["tau0"],
-        beta=fit["beta"], learn_threshold=fit["learn_threshold"],
-    )
+    with safe_open(str(guide_path), "pt") as f:
+        components = int((f.metadata() or {}).get("components", 1))  # the number the fit chose on val
+    cfg = FitConfig(**{**fit, "svi": SVIConfig(**fit.get("svi", {}))})
+    _, guide = build_vtvc(cfg, composer, head, feature_dim, components)
     guide.load_state_dict(load_file(str(guide_path)))
     return guide.eval()
 
@@ -120,7 +119,7 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
     bank = LoadedBank(full.path, full.manifest, full.model, full.vectors.select(tasks), full.heads)
     features = bank.features(task, split, fit["target"])
     composer = Composer(bank.model.visual, bank.vectors, fit["granularity"])
-    guide = load_guide_from_run(run_dir, features.shape[1], composer.num_tasks, composer.num_groups)
+    guide = load_guide_from_run(run_dir, composer, bank.head_for(task), features.shape[1])
     lam = posterior_mean_coefficients(guide, features)
     export_composed(out, bank.model, bank.vectors, lam, fit["granularity"],
                     {"source": f"posterior mean over {fit['target']} {split} ({len(features)} images)",

@@ -162,4 +162,4 @@ def run_negation(cfg: NegationConfig, progress: bool = False) -> dict:
         lam_c = guide.mean_coefficients(data["test"].control[1]).mean().item()
     return {"forget": forget, "control": control, "methods": methods, "task_arithmetic_lambda": ta_info["lambda"],
             "control_floor_val": ta_info["control_floor"], "vtvc_mean_lambda": {"forget": lam_f, "control": lam_c},
-            "vtvc_best_step": fit.best_step, "vtvc_best_val_score": fit.best_val_accuracy}
+            "vtvc_best_step": fit.best_step, "vtvc_best_val_score": fit.best_score}

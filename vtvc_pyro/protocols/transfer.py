@@ -26,9 +26,8 @@ from .. import distributed
 from ..bank.low_rank import truncate_bank
 from ..bank.store import LoadedBank, build_embedded_bank, load_bank
 from ..bank.task_vectors import TaskVectorBank
-from ..bayes.guide import make_guide
-from ..bayes.model import VTVCModel
 from ..bayes.priors import make_prior
+from ..bayes.registry import make_vtvc
 from ..bayes.svi import fit_svi, mean_probs, sample_probs
 from ..compose.engine import Composer
 from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
@@ -37,7 +36,13 @@ from ..data.specs import load_dataset, with_validation
 from ..data.suite import TaskData
 from ..diagnostics import save_inference_data, to_inference_data
 from ..errors import ConfigError
-from ..evaluate import classification_metrics
+from ..evaluate import (
+    apply_temperature,
+    bootstrap_intervals,
+    classification_metrics,
+    fit_temperature,
+    selection_accuracy,
+)
 from ..io import resolve_device, save_safetensors, write_json
 from ..methods import baselines
 
@@ -167,13 +172,12 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
 
 
 def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
-    """Test probabilities ``[N_test, C]`` of each named baseline that applies, and what each learned."""
+    """``{"val", "test"}`` probabilities of each named baseline that applies, and what each chose."""
     inputs = baselines.BaselineInputs(
         visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
         train=(target.data["train"][0], target.data["train"][2]), val=(target.data["val"][0], target.data["val"][2]),
         test_images=target.data["test"][0], own_vector=target.own_vector, steps=cfg.svi.steps,
-        batch_size=cfg.svi.batch_size, lr=cfg.atlas_lr, eval_every=cfg.svi.eval_every, seed=cfg.seed,
-        progress=progress,
+        batch_size=cfg.svi.batch_size, eval_every=cfg.svi.eval_every, seed=cfg.seed, progress=progress,
     )
     probs, info = {}, {}
     for name in names:
@@ -181,6 +185,105 @@ def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bo
         if p is not None:
             probs[name] = p
     return probs, info
+
+
+def build_vtvc(cfg: FitConfig, composer: Composer, head: torch.Tensor, feature_dim: int, components: int = 1):
+    """The model and guide ``cfg`` names with ``components`` global compositions (seeded: the guide's
+    initial weights depend on ``cfg.seed`` alone)."""
+    pyro.set_rng_seed(cfg.seed)
+    return make_vtvc(cfg.model, cfg.guide, composer, head, make_prior(cfg.prior, **cfg.prior_args), feature_dim,
+                     route_a=cfg.route_a, route_b=cfg.route_b, components=components, routing=cfg.routing,
+                     hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta,
+                     slab_mean_init=cfg.slab_mean_init, gate_logit_init=cfg.gate_logit_init,
+                     slab_logvar_init=cfg.slab_logvar_init)
+
+
+def score_methods(methods: dict[str, dict], val_y: torch.Tensor, test_y: torch.Tensor, seed: int = 0) -> dict:
+    """Test metrics of every method with bootstrap 95 % intervals, and the same after temperature
+    scaling fitted on val (so "better calibrated" survives the easy fix)."""
+    out = {}
+    for name, probs in methods.items():
+        temperature = fit_temperature(probs["val"], val_y)
+        scaled = apply_temperature(probs["test"], temperature)
+        out[name] = {**classification_metrics(probs["test"], test_y),
+                     "interval95": bootstrap_intervals(probs["test"], test_y, seed=seed),
+                     "val": classification_metrics(probs["val"], val_y),
+                     "temperature": temperature,
+                     "temperature_scaled": classification_metrics(scaled, test_y)}
+    return out
+
+
+def composition_diagnostics(guide, lam: torch.Tensor, gate: torch.Tensor, target: Target) -> dict:
+    """Sparsity and selection of the posterior on the test split.
+
+    ``lam``, ``gate``: ``[S, N, T, G]`` posterior draws. Selection accuracy (suite targets, which
+    record the transforms behind every image): the image's top-k task vectors by
+    Σ_g inclusion × |E λ| are exactly the k source tasks of its transforms.
+    """
+    inclusion = gate.float().mean(0)  # [N, T, G]
+    per_task = inclusion.mean((0, 2))
+    out = {"mean_inclusion": float(inclusion.mean()), "inclusion_by_task": dict(zip(target.tasks, per_task.tolist())),
+           "inclusion_sd_across_tasks": float(per_task.std()) if len(per_task) > 1 else 0.0}
+    if hasattr(guide, "summary"):
+        s = guide.summary()
+        out["global"] = {"mean_inclusion": float(s["inclusion"].mean()), "kept_fraction": float(s["kept"].mean())}
+        if "rho_mean" in s:
+            out["global"]["use_rate_by_task"] = dict(zip(target.tasks, s["rho_mean"].tolist()))
+    domains = target.task.domains.get("test")
+    if domains is not None and target.task.domain_sources:
+        index = {t: i for i, t in enumerate(target.tasks)}
+        domain_tasks = [[index[t] for t in sources if t in index] for sources in target.task.domain_sources]
+        scores = (inclusion * lam.mean(0).abs()).sum(-1)  # [N, T]
+        by_domain = [scores[domains == d].mean(0).tolist() if (domains == d).any() else [math.nan] * len(target.tasks)
+                     for d in range(len(domain_tasks))]
+        out["selection"] = {**selection_accuracy(scores, domains, domain_tasks),
+                            "domains": ["+".join(s) for s in target.task.domain_sources],
+                            "score_by_domain": by_domain}
+    return out
+
+
+def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components: int, checkpoint: Path,
+                  resume: bool, progress: bool):
+    """One SVI fit with ``components`` compositions; returns ``(model, guide, fit result)``."""
+    data = target.data
+    model, guide = build_vtvc(cfg, composer, target.head, data["test"][1].shape[1], components)
+    model, guide = model.to(target.head.device), guide.to(target.head.device)
+    resume = resume and checkpoint.is_file()  # a candidate the interrupted run had not started starts afresh
+    if hasattr(guide, "initialize") and not resume:
+        guide.initialize(data["train"][1], seed=cfg.seed)
+    fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=checkpoint, resume=resume,
+                  progress=progress, seed=cfg.seed)
+    return model, guide, fit
+
+
+def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, progress: bool):
+    """Fit VTVC by SVI (every candidate number of components; the lowest val NLL wins) and draw its
+    predictive on val and test.
+
+    Returns:
+        the fit result, the guide, the composer, ``methods`` (``vtvc``: the Monte Carlo predictive,
+        ``vtvc_mean``: the deterministic gated mean, each ``{"val", "test"}``), the test draws
+        ``(probs [S, N, C], lam [S, N, T, G], gate [S, N, T, G])`` and ``{components: val NLL}``.
+    """
+    data = target.data
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    candidates = {}
+    for k in cfg.components:
+        name = "checkpoint.safetensors" if len(cfg.components) == 1 else f"checkpoint-k{k}.safetensors"
+        candidates[k] = fit_candidate(cfg, target, composer, k, out / name, resume, progress)
+    chosen = min(candidates, key=lambda k: candidates[k][2].best_val_nll)
+    model, guide, fit = candidates[chosen]
+    save_safetensors(guide.state_dict(), out / "guide.safetensors",
+                     {"best_step": str(fit.best_step), "components": str(chosen)})
+    methods, draws = {"vtvc": {}, "vtvc_mean": {}}, None
+    for split in ("val", "test"):
+        x, f, _ = data[split]
+        probs_s, lam_s, gate_s = sample_probs(model, guide, x, f, cfg.eval_samples, cfg.svi.eval_temperature,
+                                              generator_seed=cfg.seed)
+        methods["vtvc"][split] = probs_s.mean(0)
+        methods["vtvc_mean"][split] = mean_probs(model, guide, x, f)
+        draws = (probs_s, lam_s, gate_s)
+    return fit, guide, composer, methods, draws, {k: c[2].best_val_nll for k, c in candidates.items()}
 
 
 def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
@@ -195,7 +298,7 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     prior = make_prior(cfg.prior, **cfg.prior_args)
     start = time.time()
     target = load_target(cfg, device, progress)
-    bank, head, data, task, tasks = target.bank, target.head, target.data, target.task, target.tasks
+    bank, data, task, tasks = target.bank, target.data, target.task, target.tasks
 
     fit_settings = json.loads(json.dumps(asdict(cfg)))  # JSON-normalised
     out = prepare_output(Path(out), fit_settings, overwrite, resume)  # after every input is known to be usable
@@ -212,35 +315,25 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
             "environment": environment(),
         }})
 
-    test_x, test_f, test_y = data["test"]
+    val_y, test_y = data["val"][2], data["test"][2]
     methods, extra = run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress)
-
-    composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
-    pyro.set_rng_seed(cfg.seed)  # the guide's initial weights depend on the seed alone
-    model = VTVCModel(composer, head, prior).to(device)
-    guide = make_guide(
-        cfg.guide, feature_dim=test_f.shape[1], num_tasks=composer.num_tasks, num_groups=composer.num_groups,
-        prior=prior, hidden=cfg.hidden, tau0=cfg.tau0, beta=cfg.beta, learn_threshold=cfg.learn_threshold,
-        slab_mean_init=cfg.slab_mean_init, gate_logit_init=cfg.gate_logit_init, slab_logvar_init=cfg.slab_logvar_init,
-    ).to(device)
     svi_start = time.time()
-    fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=out / "checkpoint.safetensors",
-                  resume=resume, progress=progress, seed=cfg.seed)
-    save_safetensors(guide.state_dict(), out / "guide.safetensors", {"best_step": str(fit.best_step)})
-    probs_s, lam_s, gate_s = sample_probs(model, guide, test_x, test_f, cfg.eval_samples, cfg.svi.eval_temperature,
-                                          generator_seed=cfg.seed)
-    methods["vtvc"] = probs_s.mean(0)
-    methods["vtvc_mean"] = mean_probs(model, guide, test_x, test_f)
+    fit, guide, composer, vtvc_methods, draws, val_nll_by_k = fit_and_predict(cfg, target, out, resume, progress)
+    probs_s, lam_s, gate_s = draws
+    methods.update(vtvc_methods)
     vtvc_seconds = time.time() - svi_start
 
     metrics = {
         "target": cfg.target,
-        "methods": {name: classification_metrics(p, test_y) for name, p in methods.items()},
+        "methods": score_methods(methods, val_y, test_y, seed=cfg.seed),
         "num_test": len(test_y),
         "tasks": tasks,
-        "svi": {"best_step": fit.best_step, "best_val_accuracy": fit.best_val_accuracy,
+        "svi": {"components": min(val_nll_by_k, key=val_nll_by_k.get), "val_nll_by_components": val_nll_by_k,
+                "best_step": fit.best_step, "best_val_nll": fit.best_val_nll,
+                "best_val_accuracy": fit.best_val_accuracy,
                 "final_elbo": next((e for e in reversed(fit.elbo_trace) if math.isfinite(e)), None),
                 "val_history": fit.val_history},
+        "composition": composition_diagnostics(guide, lam_s, gate_s, target),
         "baselines": extra,
     }
     write_json(out / "metrics.json", metrics)  # no timings here: same seed and device, same file
@@ -248,12 +341,14 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
               "vtvc_seconds": round(vtvc_seconds, 2), "total_seconds": round(time.time() - start, 2)}
     write_json(out / "timing.json", timing)
     metrics["timing"] = timing
-    save_safetensors({**{name: p.float() for name, p in methods.items()}, "labels": test_y}, out / "predictions.safetensors")
+    save_safetensors({**{name: p["test"].float() for name, p in methods.items()}, "labels": test_y},
+                     out / "predictions.safetensors")
 
     keep = min(cfg.posterior_samples, len(test_y))
     idata = to_inference_data(
         lam_s[:, :keep], gate_s[:, :keep], probs_s[:, :keep], test_y[:keep], tasks, composer.group_labels,
-        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "prior": cfg.prior, "guide": cfg.guide, "granularity": cfg.granularity},
+        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "model": cfg.model, "prior": cfg.prior,
+                                                 "guide": cfg.guide, "granularity": cfg.granularity},
     )
     save_inference_data(idata, out / "posterior.nc")
     return metrics
@@ -270,7 +365,7 @@ def plan_fit(cfg: FitConfig) -> dict:
     make_prior(cfg.prior, **cfg.prior_args)  # unknown names and bad arguments fail here, as in a run
     device = resolve_device(cfg.device)
     plan = {"device": device_description(device), "bank": str(cfg.bank), "target": cfg.target,
-            "prior": cfg.prior, "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
+            "model": cfg.model, "prior": cfg.prior, "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
             "svi": f"{cfg.svi.steps} steps of batch {cfg.svi.batch_size}, seed {cfg.seed}"}
     if not (Path(cfg.bank) / "manifest.json").is_file():
         if Path(cfg.bank) != Path(DEFAULT_BANK):
@@ -296,7 +391,17 @@ def plan_fit(cfg: FitConfig) -> dict:
 def format_table(metrics: dict) -> str:
     """A plain-text results table."""
     rows = [f"target: {metrics['target']}  ({metrics['num_test']} test images, {len(metrics['tasks'])} task vectors)",
-            f"{'method':18s} {'accuracy':>9s} {'nll':>8s} {'ece':>8s} {'brier':>8s}"]
+            f"{'method':18s} {'accuracy':>9s} {'95% interval':>15s} {'nll':>8s} {'ece':>8s} {'brier':>8s} "
+            f"{'nll (TS)':>9s} {'ece (TS)':>9s}"]
     for name, m in metrics["methods"].items():
-        rows.append(f"{name:18s} {m['accuracy']:9.4f} {m['nll']:8.4f} {m['ece']:8.4f} {m['brier']:8.4f}")
+        lo, hi = m.get("interval95", {}).get("accuracy", (math.nan, math.nan))
+        ts = m.get("temperature_scaled", {})
+        rows.append(f"{name:18s} {m['accuracy']:9.4f} {f'[{lo:.3f}, {hi:.3f}]':>15s} {m['nll']:8.4f} {m['ece']:8.4f} "
+                    f"{m['brier']:8.4f} {ts.get('nll', math.nan):9.4f} {ts.get('ece', math.nan):9.4f}")
+    comp = metrics.get("composition", {})
+    if comp:
+        line = f"posterior inclusion {comp['mean_inclusion']:.3f} (sd across tasks {comp['inclusion_sd_across_tasks']:.3f})"
+        if "selection" in comp:
+            line += f"; selection accuracy {comp['selection']['overall']:.3f}"
+        rows.append(line)
     return "\n".join(rows)
