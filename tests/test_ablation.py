@@ -6,7 +6,13 @@ import pytest
 
 from vtvc_pyro.config import FitConfig, GridConfig
 from vtvc_pyro.errors import ConfigError
-from vtvc_pyro.protocols.ablation import aggregate, apply_setting, cells, parse_method, parse_sweep
+from vtvc_pyro.protocols.ablation import (
+    aggregate,
+    apply_setting,
+    cells,
+    parse_method,
+    parse_sweep,
+)
 
 from .conftest import run_script
 

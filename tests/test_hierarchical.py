@@ -114,9 +114,11 @@ def test_keep_rule_zeroes_small_components_at_prediction_time_only():
     assert (lam[:, :, 0] == 0).all() and (inclusion[:, :, 0] == 0).all()  # dropped: exactly zero, no variance
 
 
-def planted_problem(planted_by_domain: torch.Tensor, n: int = 600, seed: int = 0):
+def planted_problem(planted_by_domain: torch.Tensor, n: int = 600, seed: int = 0, granularity: str = "task",
+                    head_scale: float = 50.0):
     """Images in ``D`` domains (a domain adds its own constant offset, visible to the base features);
-    labels come from θ0 + Σ_t planted[d, t] τ_t for an image of domain d."""
+    labels come from θ0 + Σ_t planted[d, t] τ_t for an image of domain d. The returned composer has
+    ``granularity`` (one coefficient per task and block by default, as in a real fit)."""
     model, _, _, bank = random_bank(num_tasks=planted_by_domain.shape[1], scale=0.1, seed=seed)
     composer = Composer(model.visual, bank, "task")
     g = torch.Generator().manual_seed(seed)
@@ -124,18 +126,20 @@ def planted_problem(planted_by_domain: torch.Tensor, n: int = 600, seed: int = 0
     x = torch.randn(n, 3, 16, 16, generator=g) + 1.5 * domains.float()[:, None, None, None]
     with torch.no_grad():
         teacher = F.normalize(composer.per_sample(x, planted_by_domain[domains][..., None]), dim=-1)
-        head = F.normalize(teacher[:5] - teacher.mean(0), dim=-1) * 50
+        head = F.normalize(teacher[:5] - teacher.mean(0), dim=-1) * head_scale
         y = (teacher @ head.T).argmax(-1)
     feats = backbone.image_features(model, x)
     split = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, n)}
     data = {k: (x[s], feats[s], y[s]) for k, s in split.items()}
-    return composer, head, data, domains[split["test"]]
+    return Composer(model.visual, bank, granularity), head, data, domains[split["test"]]
 
 
 def fit_hierarchical(composer, head, data, steps=300, components=1, routing=False, **prior_args):
     prior = make_prior("spike_slab", **prior_args)
+    # gates start mostly on (logit 3): from the prior's 0.5 the straight-through gates drop half of a
+    # three-vector composition at every step and SVI stalls at chance on these problems
     model, guide = make_vtvc("hierarchical", "amortized_gated", composer, head, prior, 64, slab_mean_init=0.3,
-                             components=components, routing=routing)
+                             gate_logit_init=3.0, components=components, routing=routing)
     guide.initialize(data["train"][1])
     fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=steps, eval_every=50, kl_weight=0.1),
             progress=False)
@@ -157,12 +161,13 @@ def test_one_composition_for_all_matches_shared_coefficients():
 
 
 def test_planted_sparse_vectors_are_found():
-    """Labels come from θ0 + τ0 + τ1; τ2 and τ3 only hurt: inclusion keeps 0 and 1 and drops 2 and 3."""
-    composer, head, data, _ = planted_problem(torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    """Labels come from θ0 + τ0 + τ1; τ2 only hurts: the posterior keeps 0 and 1 and drops 2."""
+    composer, head, data, _ = planted_problem(torch.tensor([[1.0, 1.0, 0.0]]))
     acc, lam, inclusion, _ = fit_hierarchical(composer, head, data, pi=0.2)
     by_task = inclusion.mean((0, 1, 3))
-    assert by_task[:2].min() > 0.7 and by_task[2:].max() < 0.3, by_task
-    assert acc > 0.85
+    assert by_task[:2].min() > 0.7 and by_task[2] < 0.1, by_task
+    assert (lam.mean((0, 1))[:2, 0] - 1).abs().max() < 0.15 and lam[..., 2, :].abs().max() < 0.05
+    assert acc > 0.9
 
 
 def test_mixture_assigns_planted_domains_and_beats_one_composition():

@@ -120,16 +120,25 @@ def selection_accuracy(scores: torch.Tensor, domains: torch.Tensor, domain_tasks
         domain_tasks: per domain, the indices of its source task vectors (k = their number).
 
     Returns:
-        ``{"overall": float, "per_domain": [float, ...], "chance": [float, ...]}`` (chance: one over
-        the number of k-subsets of the T vectors).
+        ``{"overall", "per_domain", "chance", "top1_overall", "top1_per_domain"}``: exact top-k
+        matches (chance: one over the number of k-subsets of the T vectors), and how often the
+        image's single highest-ranked vector is one of its domain's.
     """
+    domains = domains.cpu()
+    scores = scores.cpu()
     hits = torch.zeros(len(domains), dtype=torch.bool)
+    top1 = torch.zeros(len(domains), dtype=torch.bool)
     for d, tasks in enumerate(domain_tasks):
-        sel = (domains == d).cpu()
+        sel = domains == d
         if sel.any() and tasks:
-            top = scores[sel].topk(len(tasks), dim=-1).indices.sort(-1).values.cpu()
+            top = scores[sel].topk(len(tasks), dim=-1).indices.sort(-1).values
             hits[sel] = (top == torch.tensor(sorted(tasks))).all(-1)
-    per_domain = [float(hits[domains.cpu() == d].float().mean()) if (domains == d).any() else float("nan")
-                  for d in range(len(domain_tasks))]
+            top1[sel] = torch.isin(scores[sel].argmax(-1), torch.tensor(tasks))
+
+    def by_domain(x: torch.Tensor) -> list[float]:
+        return [float(x[domains == d].float().mean()) if (domains == d).any() else float("nan")
+                for d in range(len(domain_tasks))]
+
     chance = [1 / math.comb(scores.shape[-1], len(t)) if t else float("nan") for t in domain_tasks]
-    return {"overall": float(hits.float().mean()), "per_domain": per_domain, "chance": chance}
+    return {"overall": float(hits.float().mean()), "per_domain": by_domain(hits), "chance": chance,
+            "top1_overall": float(top1.float().mean()), "top1_per_domain": by_domain(top1)}

@@ -91,7 +91,7 @@ def gate_logit_start(prior: Prior, gate_logit_init: float | None) -> float:
     return math.log(pi / (1 - pi))
 
 
-def _mlp(d_in: int, hidden: int, d_out: int, init_std: float) -> nn.Sequential:
+def mlp_head(d_in: int, hidden: int, d_out: int, init_std: float) -> nn.Sequential:
     net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
     for layer in (net[0], net[2]):
         nn.init.normal_(layer.weight, std=init_std)
@@ -167,7 +167,7 @@ class AmortizedGatedGuide(PyroModule):
 
         def head(site: Site, init: float) -> nn.Module:
             size = max(1, math.prod(site.dims(num_tasks, num_groups)))
-            net = _mlp(feature_dim, hidden, size, init_std) if amortized else ConstantHead(size, init_std)
+            net = mlp_head(feature_dim, hidden, size, init_std) if amortized else ConstantHead(size, init_std)
             with torch.no_grad():  # the initial posterior: the output bias sets its centre
                 (net[2].bias if amortized else net.bias).add_(init)
             return net

@@ -61,7 +61,14 @@ from torch.distributions import kl_divergence
 from torch.distributions.utils import clamp_probs
 
 from ..compose.engine import Composer
-from .guide import _mlp, gate_logit_start, keep_rule, point_values, sample_sites, site_posterior
+from .guide import (
+    mlp_head,
+    gate_logit_start,
+    keep_rule,
+    point_values,
+    sample_sites,
+    site_posterior,
+)
 from .model import VTVCModel
 from .priors import Prior
 
@@ -257,7 +264,7 @@ class HierarchicalGuide(PyroModule):
         if routing:
             self.composition["rho_log_alpha"] = nn.Parameter(torch.full((num_tasks,), math.log(route_a)))
             self.composition["rho_log_beta"] = nn.Parameter(torch.full((num_tasks,), math.log(route_b)))
-            self.router = _mlp(feature_dim, hidden or max(feature_dim // 4, num_tasks), num_tasks, init_std)
+            self.router = mlp_head(feature_dim, hidden or max(feature_dim // 4, num_tasks), num_tasks, init_std)
             with torch.no_grad():  # start at the prior's mean use rate
                 self.router[2].bias.add_(math.log(route_a / route_b))
 

@@ -31,7 +31,6 @@ from .merges import (
     zero_coefficients,
 )
 
-
 TIES_DENSITIES = (0.1, 0.2, 0.5)
 """TIES's trim densities (the paper's default 0.2 and one on each side), chosen on val with λ."""
 

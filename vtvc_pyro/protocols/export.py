@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from ..bank.store import LoadedBank, load_bank
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
+from ..config import FitConfig, SVIConfig
 from ..data.benchmarks import clip_preprocess
 from ..data.specs import load_dataset, with_validation
 from ..errors import ConfigError
 from ..io import save_safetensors
-from ..config import FitConfig, SVIConfig
 from .transfer import build_vtvc, read_run_config
 
 log = logging.getLogger(__name__)
