@@ -49,7 +49,7 @@ def test_help_needs_no_heavy_import():
             "print(sorted(m for m in ('torch', 'pyro', 'open_clip', 'arviz', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "--svi.kl_weight" in proc.stdout and "default: 0.1" in proc.stdout
+    assert "--svi.kl_weight" in proc.stdout and "default: 0.01" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 

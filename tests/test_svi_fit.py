@@ -15,14 +15,24 @@ from .conftest import run_inline, run_script
 def test_fit_writes_every_output(short_run):
     out, stdout = short_run
     for name in ("config.json", "metrics.json", "timing.json", "guide.safetensors", "checkpoint.safetensors",
-                 "posterior.nc", "predictions.safetensors"):
+                 "checkpoint-k4.safetensors", "posterior.nc", "predictions.safetensors"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target"] == "mixed"
     assert {"vtvc", "zeroshot", "task_arithmetic", "atlas"} <= set(metrics["methods"])
     for values in metrics["methods"].values():
-        assert set(values) == {"accuracy", "nll", "ece", "brier"}
+        assert {"accuracy", "nll", "ece", "brier", "interval95", "val", "temperature", "temperature_scaled"} <= set(values)
         assert 0 <= values["accuracy"] <= 1 and values["nll"] > 0
+        for k in ("accuracy", "nll", "brier"):
+            low, high = values["interval95"][k]
+            assert low <= values[k] <= high
+        assert values["temperature_scaled"]["accuracy"] == values["accuracy"]  # a temperature keeps the argmax
+    svi = metrics["svi"]
+    assert set(svi["val_nll_by_components"]) == {"1", "4"}  # both candidates were fitted; the lower val NLL won
+    assert svi["val_nll_by_components"][str(svi["components"])] == min(svi["val_nll_by_components"].values())
+    comp = metrics["composition"]
+    assert 0 <= comp["mean_inclusion"] <= 1 and set(comp["inclusion_by_task"]) == set(metrics["tasks"])
+    assert len(comp["selection"]["per_domain"]) == 3 and comp["selection"]["chance"][0] == pytest.approx(1 / 55)
     assert "mixed" not in metrics["tasks"] and len(metrics["tasks"]) == 11
     config = json.loads((out / "config.json").read_text())
     assert config["svi"]["steps"] == 30 and config["run"]["environment"]["packages"]["pyro-ppl"]

@@ -87,7 +87,7 @@ class SVIConfig:
     lr: float = 5e-3
     global_lr: float = 0.1
     weight_decay: float = 0.01
-    kl_weight: float = 0.1
+    kl_weight: float = 0.01
     kl_reduction: Literal["mean", "sum"] = "sum"
     kl_anneal_steps: int = 0
     num_particles: int = 1
@@ -125,7 +125,7 @@ class FitConfig:
         prior: prior of the composition (vtvc fit --list_priors).
         prior_args: prior arguments, e.g. {pi: 0.3, slab_scale: 1.0}.
         guide: guide name (vtvc fit --list_guides); global: task-level VI (hierarchical model without routing).
-        components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins.
+        components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins (the flat model ignores it).
         routing: hierarchical model: per-image Beta-Bernoulli routing of the task vectors.
         route_a: hierarchical model: Beta(a, b) prior of each task vector's use rate, a.
         route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
@@ -181,9 +181,7 @@ class FitConfig:
         _positive(self, ("route_a", "route_b", "tau0"))
         if not self.components or min(self.components) < 1:
             raise ConfigError(f"components must be a non-empty list of integers >= 1, got {self.components}")
-        if self.model == "flat" and self.components != [1]:
-            raise ConfigError("components > 1 needs --model hierarchical (the flat model has no global composition)")
-        if max(self.components) > 1 and self.svi.num_particles > 1:
+        if self.model == "hierarchical" and max(self.components) > 1 and self.svi.num_particles > 1:
             raise ConfigError("components > 1 enumerates each image's component: use svi.num_particles 1")
         _positive(self, ("beta",), strict=False)
         if self.hidden is not None and self.hidden <= 0:

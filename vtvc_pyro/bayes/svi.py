@@ -83,7 +83,8 @@ def predictive_scores(model, guide, val, num_samples: int, temperature: float, s
     The draws use their own seed (common random numbers across checkpoints) and leave the
     training RNG untouched.
     """
-    with torch.random.fork_rng(devices=[val[0].device] if val[0].is_cuda else []):
+    device = val[1].device  # the features: images may be a lazily decoded view
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         probs = sample_probs(model, guide, val[0], val[1], num_samples, temperature, generator_seed=seed)[0].mean(0)
     labels = val[2].to(probs.device)
     nll = -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean()

@@ -215,7 +215,11 @@ def run_grid(grid: GridConfig, out: str | Path, overwrite: bool = False, progres
         record = run_cell(grid, out, target, method, seed, setting, cache)
         write_json(path, record)  # atomic: a killed grid never leaves half a cell
         records.append(record)
-    summarize_cells(records, out)
+    # the tables cover every cell in the folder (this grid's first, in its order): a sweep grown by
+    # several runs is summarised whole
+    mine = {cell_path(out, *cell) for cell in todo}
+    others = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json")) if p not in mine]
+    summarize_cells(records + others, out)
     return records, left
 
 

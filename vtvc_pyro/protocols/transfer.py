@@ -268,8 +268,9 @@ def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, pro
     data = target.data
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     candidates = {}
-    for k in cfg.components:
-        name = "checkpoint.safetensors" if len(cfg.components) == 1 else f"checkpoint-k{k}.safetensors"
+    for i, k in enumerate(cfg.components if cfg.model == "hierarchical" else [1]):
+        # the first candidate's state is the run's checkpoint.safetensors; the others' sit beside it
+        name = "checkpoint.safetensors" if i == 0 else f"checkpoint-k{k}.safetensors"
         candidates[k] = fit_candidate(cfg, target, composer, k, out / name, resume, progress)
     chosen = min(candidates, key=lambda k: candidates[k][2].best_val_nll)
     model, guide, fit = candidates[chosen]
