@@ -28,6 +28,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AmortizedGatedGuide": "bayes.guide", "GUIDES": "bayes.guide", "make_guide": "bayes.guide",
     "PRIORS": "bayes.priors", "make_prior": "bayes.priors", "VTVCModel": "bayes.model", "fit_svi": "bayes.svi",
+    "HierarchicalModel": "bayes.hierarchical", "HierarchicalGuide": "bayes.hierarchical",
+    "MODELS": "bayes.registry", "make_vtvc": "bayes.registry",
     "BuildConfig": "config", "FitConfig": "config", "GridConfig": "config", "NegationConfig": "config",
     "SVIConfig": "config", "VTVCError": "errors",
     "Composer": "compose.engine",

@@ -152,14 +152,14 @@ class FitConfig:
     prior_args: dict = field(default_factory=dict)
     guide: str = "amortized_gated"
     components: list[int] = field(default_factory=lambda: [1, 4])
-    routing: bool = False
+    routing: bool = True
     route_a: float = 1.0
     route_b: float = 1.0
     granularity: Granularity = "block"
     tau0: float = 0.05
     beta: float = 1.0
     slab_mean_init: float = 0.3
-    gate_logit_init: Optional[float] = None
+    gate_logit_init: Optional[float] = 3.0
     slab_logvar_init: float = -4.0
     hidden: Optional[int] = None
     baselines: list[str] = field(default_factory=lambda: [ALL_BASELINES])

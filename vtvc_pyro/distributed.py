@@ -199,18 +199,3 @@ def streamed_features(model: torch.nn.Module, images, batch_size: int = 256, num
     local = torch.cat(rows) if rows else torch.zeros(0, model.visual.output_dim, device=device)
     return gather_sharded(local, len(images))
 
-
-@torch.no_grad()
-def sharded_accuracy(predict, images, features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of ``predict(images, features) -> probs`` with the split sharded over the ranks.
-
-    Each rank scores ``[rank::world]`` and the correct counts are summed, so every rank gets the
-    same number.
-    """
-    idx = shard(torch.arange(len(labels)))
-    correct = torch.zeros((), dtype=torch.float64, device=features.device)
-    if len(idx):
-        dev_idx = idx.to(features.device)
-        probs = predict(images[dev_idx] if torch.is_tensor(images) else images[idx], features[dev_idx])
-        correct = (probs.argmax(-1) == labels[dev_idx]).double().sum()
-    return float(sum_tensor(correct).item()) / max(len(labels), 1)

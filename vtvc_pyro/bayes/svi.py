@@ -108,7 +108,8 @@ def sample_probs(model, guide, images, features, num_samples: int = 20, temperat
         torch.manual_seed(generator_seed)
     probs, lams, gates = [], [], []
     for i in range(0, len(images), batch_size):
-        lam, gate = guide.sample_coefficients(features[i : i + batch_size], num_samples, temperature)
+        with pyro.validation_enabled(False):  # a diverged fit evaluates to NaN instead of raising (see fit_svi)
+            lam, gate = guide.sample_coefficients(features[i : i + batch_size], num_samples, temperature)
         probs.append(torch.softmax(model.logits(images[i : i + batch_size], lam), -1))
         lams.append(lam)
         gates.append(gate)
@@ -129,13 +130,12 @@ def parameter_groups(guide: torch.nn.Module, cfg: SVIConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def evaluate_checkpoint(model, guide, val, cfg: SVIConfig, score: Callable | None, seed: int, multi: bool) -> dict:
+def evaluate_checkpoint(model, guide, val, cfg: SVIConfig, score: Callable | None, seed: int) -> dict:
     """The val record of the current state: ``val_score`` (higher is better) plus what it is made of."""
     if score is not None:
         return {"val_score": float(score(model, guide, val))}
-    if multi:  # every rank scores its shard of val with the gated mean
-        acc = distributed.sharded_accuracy(lambda x, f: mean_probs(model, guide, x, f), *val)
-        return {"val_score": acc, "val_accuracy": acc}
+    # under torchrun every rank scores the whole val split with the same draws (its own seed), so
+    # all ranks keep the same best state, and the same one as a single process would
     scores = predictive_scores(model, guide, val, cfg.val_samples, cfg.eval_temperature, seed)
     return {"val_score": -scores["nll"], "val_nll": scores["nll"], "val_accuracy": scores["accuracy"]}
 
@@ -282,7 +282,7 @@ def fit_svi(
                 elbo = distributed.mean_scalar(elbo, features.device)
             result.elbo_trace.append(elbo)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                record = evaluate_checkpoint(model, guide, val, cfg, score, seed, multi)
+                record = evaluate_checkpoint(model, guide, val, cfg, score, seed)
                 result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None, **record})
                 bar.set_postfix(elbo=f"{elbo:.1f}", val=f"{record['val_score']:.3f}")
                 if record["val_score"] > result.best_score:
