@@ -34,6 +34,7 @@ def test_sweeps_expand_for_vtvc_only_and_reach_every_field():
     cfg = apply_setting(FitConfig(), "svi.kl_weight", 0.1)
     cfg = apply_setting(apply_setting(cfg, "prior.pi", 0.3), "route_b", 3)
     assert (cfg.svi.kl_weight, cfg.prior_args, cfg.route_b) == (0.1, {"pi": 0.3}, 3)
+    assert apply_setting(FitConfig(), "components", 4).components == [4]  # a list field gets a one-item list
     for bad in ("svi.nope=1", "nope=1", "svi=1", "svi.kl_weight"):
         with pytest.raises(ConfigError, match="sweep"):
             parse_sweep([bad])

@@ -125,7 +125,7 @@ class FitConfig:
         prior: prior of the composition (vtvc fit --list_priors).
         prior_args: prior arguments, e.g. {pi: 0.3, slab_scale: 1.0}.
         guide: guide name (vtvc fit --list_guides); global: task-level VI (hierarchical model without routing).
-        components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins (the flat model ignores it).
+        components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins (the flat model and the global guide have K = 1).
         routing: hierarchical model: per-image Beta-Bernoulli routing of the task vectors.
         route_a: hierarchical model: Beta(a, b) prior of each task vector's use rate, a.
         route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
@@ -179,6 +179,9 @@ class FitConfig:
         if self.low_rank < 0:
             raise ConfigError(f"low_rank must be >= 0 (0: full rank), got {self.low_rank}")
         _positive(self, ("route_a", "route_b", "tau0"))
+        if self.model == "flat" and self.guide == "global":
+            raise ConfigError("the global guide is task-level inference, which the flat model has no latent for: "
+                              "use --model hierarchical --guide global")
         if not self.components or min(self.components) < 1:
             raise ConfigError(f"components must be a non-empty list of integers >= 1, got {self.components}")
         if self.model == "hierarchical" and max(self.components) > 1 and self.svi.num_particles > 1:

@@ -95,9 +95,11 @@ def setup_run(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
     private = Path(tempfile.mkdtemp(prefix=f"vtvc-rank{rank()}-"))
     atexit.register(shutil.rmtree, private, True)
     if resume:
-        for name in ("config.json", "checkpoint.safetensors"):
-            if (out / name).is_file():
-                shutil.copy2(out / name, private / name)
+        # every candidate's checkpoint (checkpoint.safetensors, checkpoint-k4.safetensors, ...): all
+        # ranks must resume the same fits at the same steps
+        for path in [out / "config.json", *sorted(out.glob("checkpoint*.safetensors"))]:
+            if path.is_file():
+                shutil.copy2(path, private / path.name)
     return private, True
 
 

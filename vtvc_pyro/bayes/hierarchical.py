@@ -34,10 +34,13 @@ Guide (site by site the model's sites): q(gate, slab) the paired spike-and-slab 
 constants (q(slab | gate = 0) = p(slab)); q(c_i | x_i) from a :class:`PrototypeAssigner` on the
 image's base features, **enumerated exactly** (``TraceEnum_ELBO``: no sampling noise in the
 choice); q(ρ_t) = Beta(α_t, β_t); q(r_it | x_i) = Bernoulli(γ_it) from an amortized network. The
-guide never sees the label. The KLs of the gates and slabs, of ρ and of the routes are exact
-(``pyro.factor`` in the guide, the sites masked in both), the component's by enumeration, so with
-``kl_weight = 1`` and ``kl_reduction = sum`` the loss is the negative ELBO of this model; a KL
-weight below 1 tempers the posterior (a likelihood counted 1 / kl_weight times).
+guide never sees the label. The KLs of ρ and of the routes are exact, and so are the gates' and
+slabs' for the priors with a closed form (``spike_slab``, ``task_spike_slab``, ``gaussian``; the
+gate only for ``spike_slab_continuous`` and ``spike_slab_negative``; Monte Carlo for ``laplace`` and
+``horseshoe``): ``pyro.factor`` in the guide, the sites masked in both. The component's KL comes
+from the enumeration. With ``kl_weight = 1`` and ``kl_reduction = sum`` the loss is the negative
+ELBO of this model; a KL weight below 1 tempers the posterior (a likelihood counted 1 / kl_weight
+times).
 
 ``routing=False`` and K = 1 (the ``global`` guide) is task-level VI: λ_i = λ̄ for every image.
 
@@ -158,7 +161,8 @@ class HierarchicalModel(VTVCModel):
         """Pyro model; the signature of :meth:`VTVCModel.forward` (``features`` unused here).
 
         Returns:
-            λ ``[*P, N, T, G]`` (``P``: optional particle dims).
+            λ ``[*E, *P, N, T, G]`` (``P``: optional particle dims; ``E``: the enumerated component
+            dim, size K, when the guide enumerates it).
         """
         n, t, k = images.shape[0], self.composer.num_tasks, self.components
         num_data = num_data or n
@@ -373,13 +377,17 @@ class HierarchicalGuide(PyroModule):
         else:
             lam_bar, gate = lam_bar[:, None], gate[:, None]  # [S, 1, T, G]
         probs = self.route_probs(features)
-        route = dist.RelaxedBernoulliStraightThrough(probs.new_tensor(temperature), probs=probs).rsample((num_samples,))
+        if self.routing:
+            route = dist.RelaxedBernoulliStraightThrough(probs.new_tensor(temperature), probs=probs).rsample((num_samples,))
+        else:
+            route = probs.expand(num_samples, *probs.shape)  # every vector kept: ones, no draw
         return route[..., None] * lam_bar, route[..., None] * gate
 
     @torch.no_grad()
     def summary(self) -> dict[str, torch.Tensor]:
-        """The global posterior in eval mode: ``inclusion [T, G]`` (q(gate = 1) after the keep rule),
-        ``lam_bar [T, G]`` (point values), ``kept [T, G]`` and, with routing, ``rho_mean [T]``."""
+        """The global posterior in eval mode: ``inclusion`` (q(gate = 1) after the keep rule),
+        ``lam_bar`` (point values) and ``kept``, each ``[T, G]`` (``[K, T, G]`` with K > 1), and,
+        with routing, ``rho_mean [T]``."""
         params = self.composition_params()
         values = point_values(self.prior, params)
         lam_bar = self.prior.combine(values)

@@ -152,7 +152,7 @@ def spike_slab_kl(probs, loc, scale, pi: float, slab_scale: float) -> torch.Tens
 
     A switched-off component (γ → 0) costs only the Bernoulli term: its slab is the prior's.
     ``probs`` broadcasts against ``loc``/``scale`` (one gate per task: pass ``probs[..., None]``
-    and sum the Bernoulli term once per gate, as :class:`TaskSpikeAndSlab` does).
+    and sum the Bernoulli term once per gate, as :meth:`SpikeAndSlab.kl` does for per-task gates).
     """
     return probs * normal_kl(loc, scale, slab_scale) + bernoulli_kl(probs, pi)
 

@@ -96,6 +96,8 @@ def apply_setting(cfg: FitConfig, field: str, value) -> FitConfig:
     names = {f.name for f in fields(obj)} if is_dataclass(obj) else set()
     if parts[-1] not in names or is_dataclass(getattr(obj, parts[-1])):
         raise ConfigError(f"unknown sweep field {field!r}: use a vtvc fit setting (see vtvc fit --help), svi.X or prior.X")
+    if isinstance(getattr(obj, parts[-1]), list) and not isinstance(value, list):
+        value = [value]  # --sweep components=1,4: one candidate list per value
     setattr(obj, parts[-1], value)
     return cfg
 

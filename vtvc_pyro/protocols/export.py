@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -98,7 +99,11 @@ def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Ten
     fit, _ = read_run_config(run_dir)
     with safe_open(str(guide_path), "pt") as f:
         components = int((f.metadata() or {}).get("components", 1))  # the number the fit chose on val
-    cfg = FitConfig(**{**fit, "svi": SVIConfig(**fit.get("svi", {}))})
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
+    settings = {k: v for k, v in fit.items() if k in known}
+    settings.setdefault("model", "flat")  # runs written before the hierarchical model existed
+    cfg = FitConfig(**{**settings, "svi": SVIConfig(**{k: v for k, v in fit.get("svi", {}).items() if k in svi_known})})
     _, guide = build_vtvc(cfg, composer, head, feature_dim, components)
     guide.load_state_dict(load_file(str(guide_path)))
     return guide.eval()

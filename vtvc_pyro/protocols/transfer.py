@@ -26,6 +26,7 @@ from .. import distributed
 from ..bank.low_rank import truncate_bank
 from ..bank.store import LoadedBank, build_embedded_bank, load_bank
 from ..bank.task_vectors import TaskVectorBank
+from ..bayes.guide import GUIDES
 from ..bayes.priors import make_prior
 from ..bayes.registry import make_vtvc
 from ..bayes.svi import fit_svi, mean_probs, sample_probs
@@ -256,6 +257,14 @@ def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components
     return model, guide, fit
 
 
+def candidate_components(cfg: FitConfig) -> list[int]:
+    """The numbers of compositions to fit: ``cfg.components`` for the hierarchical model with an
+    amortized guide; ``[1]`` for the flat model and the global guide, which have one."""
+    if cfg.model != "hierarchical" or not GUIDES[cfg.guide]["amortized"]:
+        return [1]
+    return list(cfg.components)
+
+
 def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, progress: bool):
     """Fit VTVC by SVI (every candidate number of components; the lowest val NLL wins) and draw its
     predictive on val and test.
@@ -268,7 +277,7 @@ def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, pro
     data = target.data
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     candidates = {}
-    for i, k in enumerate(cfg.components if cfg.model == "hierarchical" else [1]):
+    for i, k in enumerate(candidate_components(cfg)):
         # the first candidate's state is the run's checkpoint.safetensors; the others' sit beside it
         name = "checkpoint.safetensors" if i == 0 else f"checkpoint-k{k}.safetensors"
         candidates[k] = fit_candidate(cfg, target, composer, k, out / name, resume, progress)
