@@ -42,6 +42,29 @@ def keep_rule(loc: torch.Tensor, scale: torch.Tensor, component_scale: torch.Ten
     return (importance >= tau0 * (1 + beta * uncertainty)).to(loc.dtype)
 
 
+def gate_site_probs(prior: Prior, params: dict, component_scale: torch.Tensor, tau0: float, beta: float,
+                    apply_rule: bool) -> None:
+    """Add ``keep`` and ``probs`` = sigmoid(logit) · keep to the gate's parameters in ``params``, in place.
+
+    The keep rule (when ``apply_rule``) acts on the value site's point estimate and spread (median
+    and its spread for a positive site), reduced to the gate's shape (one gate per task: mean over
+    its groups); without it ``keep`` is ones. Shapes: any leading dims (``[N]``, ``[K]`` or none).
+    """
+    gate = params[prior.gate_site]
+    if not apply_rule:
+        keep = torch.ones_like(gate["logit"])
+    else:
+        value = params[prior.value_site]
+        point, spread, scale = value["loc"], value["scale"], component_scale
+        if next(s for s in prior.sites if s.name == prior.value_site).support == "positive":
+            point = point.exp()
+            spread = point * spread
+        while point.dim() > gate["logit"].dim():
+            point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
+        keep = keep_rule(point, spread, scale, tau0, beta)
+    gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
+
+
 def site_posterior(prior: Prior, site: Site, p: dict, temperature: float, values: dict) -> dist.Distribution:
     """q of ``site`` from its parameters ``p``, given the values drawn for the sites before it."""
     if site.support == "binary":
@@ -205,26 +228,9 @@ class AmortizedGatedGuide(PyroModule):
             logvar = self.heads[f"{site.name}_logvar"](features).reshape(shape).clamp(self.logvar_min, self.logvar_max)
             out[site.name] = {"loc": loc, "scale": torch.exp(0.5 * logvar)}
         if self.has_gate:
-            gate = out[self.prior.gate_site]
-            use_rule = self.gate_rule and not self.training
-            keep = self._gate_keep(out, gate["logit"].shape) if use_rule else torch.ones_like(gate["logit"])
-            gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
+            gate_site_probs(self.prior, out, self.component_scale, self.tau0, self.beta,
+                            apply_rule=self.gate_rule and not self.training)
         return out
-
-    def _gate_keep(self, params: dict, gate_shape: torch.Size) -> torch.Tensor:
-        """The keep rule on the value site's point estimate and spread, reduced to the gate's shape."""
-        value = params[self.prior.value_site]
-        point, spread = value["loc"], value["scale"]
-        if self._site(self.prior.value_site).support == "positive":  # LogNormal: median and its spread
-            point = point.exp()
-            spread = point * spread
-        scale = self.component_scale
-        while point.dim() > len(gate_shape):  # e.g. one gate per task: mean over its groups
-            point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
-        return keep_rule(point, spread, scale, self.tau0, self.beta)
-
-    def _site(self, name: str) -> Site:
-        return next(s for s in self.prior.sites if s.name == name)
 
     def mean_coefficients(self, features: torch.Tensor) -> torch.Tensor:
         """Deterministic coefficients ``[N, T, G]``: gates at q(gate) (eval: hard keep), real sites at

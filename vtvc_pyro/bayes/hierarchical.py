@@ -65,9 +65,9 @@ from torch.distributions.utils import clamp_probs
 
 from ..compose.engine import Composer
 from .guide import (
-    mlp_head,
     gate_logit_start,
-    keep_rule,
+    gate_site_probs,
+    mlp_head,
     point_values,
     sample_sites,
     site_posterior,
@@ -289,20 +289,9 @@ class HierarchicalGuide(PyroModule):
             logvar = self.composition[f"{site.name}_logvar"].clamp(self.logvar_min, self.logvar_max)
             out[site.name] = {"loc": self.composition[f"{site.name}_loc"], "scale": torch.exp(0.5 * logvar)}
         if self.prior.has_gate:
-            gate = out[self.prior.gate_site]
-            keep = self._keep(out, gate["logit"].shape) if self.gate_rule and not self.training else torch.ones_like(gate["logit"])
-            gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
+            gate_site_probs(self.prior, out, self.component_scale, self.tau0, self.beta,
+                            apply_rule=self.gate_rule and not self.training)
         return out
-
-    def _keep(self, params: dict, gate_shape: torch.Size) -> torch.Tensor:
-        value = params[self.prior.value_site]
-        point, spread, scale = value["loc"], value["scale"], self.component_scale
-        if next(s for s in self.prior.sites if s.name == self.prior.value_site).support == "positive":
-            point = point.exp()
-            spread = point * spread
-        while point.dim() > len(gate_shape):  # one gate per task: mean over its groups
-            point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
-        return keep_rule(point, spread, scale, self.tau0, self.beta)
 
     def rho_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(α [T], β [T])`` of q(ρ)."""

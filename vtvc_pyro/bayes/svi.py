@@ -72,11 +72,6 @@ def mean_probs(model: VTVCModel, guide: AmortizedGatedGuide, images, features, b
     return torch.cat(out)
 
 
-def val_accuracy(model: VTVCModel, guide: AmortizedGatedGuide, val) -> float:
-    """Accuracy of the gated mean coefficients on ``val = (images, features, labels)``."""
-    return float((mean_probs(model, guide, val[0], val[1]).argmax(-1) == val[2]).float().mean())
-
-
 def predictive_scores(model, guide, val, num_samples: int, temperature: float, seed: int = 0) -> dict[str, float]:
     """NLL and accuracy of the Monte Carlo predictive on ``val = (images, features, labels)``.
 
