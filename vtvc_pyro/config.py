@@ -119,7 +119,10 @@ class FitConfig:
     """Every setting of a fit (written to the run's ``config.json``).
 
     Args:
-        target: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
+        protocol: transfer (compose the bank's other vectors for one held-out target) or addition (compose every task's vector; one model scores every task's test split with its own head).
+        target: transfer: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
+        tasks: addition: data set specs of the tasks, each matched to the bank's vector of the same name ([]: every vector of the bank, as suite tasks).
+        fit_split: addition: the data the learned methods learn from: train (select on val), or val (aTLAS's protocol at real scale: learn on 90 % of each task's val split, select on the rest; the fine-tuning data is never seen).
         bank: bank folder (the embedded one is built on first use).
         model: hierarchical (a global sparse composition routed per image) or flat (every coefficient per image).
         prior: prior of the composition (vtvc fit --list_priors).
@@ -145,7 +148,10 @@ class FitConfig:
         svi: SVI settings.
     """
 
+    protocol: Literal["transfer", "addition"] = "transfer"
     target: str = "mixed"
+    tasks: list[str] = field(default_factory=list)
+    fit_split: Literal["train", "val"] = "train"
     bank: str = DEFAULT_BANK
     model: Literal["hierarchical", "flat"] = "hierarchical"
     prior: str = "spike_slab"
@@ -172,6 +178,10 @@ class FitConfig:
 
     def validate(self) -> None:
         self.svi.validate()
+        if self.protocol not in ("transfer", "addition"):
+            raise ConfigError(f"unknown protocol {self.protocol!r}: use transfer or addition")
+        if self.fit_split not in ("train", "val"):
+            raise ConfigError(f"fit_split must be train or val, got {self.fit_split!r}")
         if self.granularity not in ("block", "layer", "task"):
             raise ConfigError(f"unknown granularity {self.granularity!r}: use block, layer or task")
         if self.eval_samples <= 0 or self.posterior_samples < 0:

@@ -255,6 +255,24 @@ def plot_selection(selection: dict, tasks: list[str], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_routing(routing: dict, path: Path) -> Path:
+    """Task addition: the mean weight Σ_g inclusion × |E λ| of every task vector (columns) over the
+    images of every task (rows), one panel per method; a good router is diagonal-dominant."""
+    fig, axes = new_figure(1, len(routing), figsize=(6.5 * len(routing), 5.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], routing.items()):
+        weight = np.asarray(r["weight"], dtype=float)
+        image = ax.imshow(weight / np.nanmax(weight, axis=1, keepdims=True).clip(1e-12), vmin=0, vmax=1,
+                          cmap="viridis", aspect="auto")
+        ticks = np.arange(len(r["tasks"]))
+        ax.set_xticks(ticks, r["tasks"], rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(ticks, [f"{t} ({100 * r['routing_accuracy_by_task'].get(t, np.nan):.0f}%)" for t in r["tasks"]],
+                      fontsize=8)
+        ax.set(xlabel="task vector", ylabel="image's task (routing accuracy)",
+               title=f"{name}: routing accuracy {100 * r['routing_accuracy']:.0f}%")
+        fig.colorbar(image, ax=ax, label="weight / the row's largest")
+    return save_figure(fig, path)
+
+
 def build_report(run_dir: str | Path) -> dict:
     """Rebuild ``summary.json`` and every figure of a run; returns the summary."""
     run_dir = Path(run_dir)
@@ -272,6 +290,9 @@ def build_report(run_dir: str | Path) -> dict:
         plot_accuracy_coverage(predictions, figures / "accuracy_coverage.png"),
         plot_uncertainty_vs_error(summary, figures / "uncertainty_vs_error.png"),
     )]
+    if metrics.get("routing"):
+        summary["routing_accuracy"] = {name: r["routing_accuracy"] for name, r in metrics["routing"].items()}
+        summary["figures"].append(str(plot_routing(metrics["routing"], figures / "routing.png").relative_to(run_dir)))
     selection = metrics.get("composition", {}).get("selection")
     if selection:
         summary["figures"].append(str(plot_selection(selection, metrics["tasks"], figures / "selection.png")

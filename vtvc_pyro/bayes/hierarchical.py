@@ -64,6 +64,7 @@ from torch.distributions import kl_divergence
 from torch.distributions.utils import clamp_probs
 
 from ..compose.engine import Composer
+from ..compose.heads import class_logits
 from .guide import (
     gate_logit_start,
     gate_site_probs,
@@ -157,7 +158,7 @@ class HierarchicalModel(VTVCModel):
         self.route_a, self.route_b = float(route_a), float(route_b)
         self.components = int(components)
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None):
         """Pyro model; the signature of :meth:`VTVCModel.forward` (``features`` unused here).
 
         Returns:
@@ -188,9 +189,9 @@ class HierarchicalModel(VTVCModel):
                 lam = lam_bar * images.new_ones(n, 1, 1)
             lam = pyro.deterministic("lam", lam, event_dim=2)
             if not self.routing and lam_bar.dim() == 2:  # one composition for the batch: aTLAS's cost
-                logits = torch.nn.functional.normalize(self.composer.shared(images, lam_bar), dim=-1) @ self.head.T
+                logits = class_logits(self.composer.shared(images, lam_bar), self.head, classes)
             else:
-                logits = self.logits(images, lam)
+                logits = self.logits(images, lam, classes)
             self.observe(logits, labels)
         return lam
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 
 from ..compose.engine import Composer
+from ..compose.heads import class_logits
 from .priors import Prior
 
 
@@ -34,12 +34,14 @@ class VTVCModel(torch.nn.Module):
         self.register_buffer("head", head)
         self.prior = prior
 
-    def logits(self, images: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, lam: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits with per-sample coefficients.
 
         Args:
             images: ``[N, 3, H, W]``.
             lam: ``[*P, N, T, G]`` (``P``: optional particle dims, broadcast over the images).
+            classes: ``[N, C]`` bool, the classes each image may take (task addition: its own
+                task's head within the stacked heads, :mod:`vtvc_pyro.compose.heads`); ``None``: all.
 
         Returns:
             ``[*P, N, C]``.
@@ -51,11 +53,10 @@ class VTVCModel(torch.nn.Module):
         x = images.unsqueeze(0).expand(reps, *images.shape).reshape(-1, *images.shape[1:])
         # fp32 throughout, GPU included: under bf16 autocast θ0 + λτ is rounded to ~0.4 % and
         # small λτ would vanish, while the fp32 baselines keep it (an unfair comparison).
-        feats = self.composer.per_sample(x, flat)
-        logits = F.normalize(feats, dim=-1) @ self.head.T
-        return logits.reshape(*lead, n, -1)
+        feats = self.composer.per_sample(x, flat).reshape(*lead, n, -1)
+        return class_logits(feats, self.head, classes)
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None):
         """Pyro model.
 
         Args:
@@ -66,13 +67,15 @@ class VTVCModel(torch.nn.Module):
                 ``num_data / N``).
             kl_weight: multiplies the latent sites' log densities (the KL weight / annealing).
             temperature: relaxed-Bernoulli temperature of the gate density.
+            classes: ``[N, C]`` bool or ``None``, as in :meth:`logits`. The likelihood needs it;
+                SVI withholds it from the guide (:func:`~vtvc_pyro.bayes.svi.image_only`).
         """
         n = images.shape[0]
         num_data = num_data or n
         with pyro.plate("data", num_data, subsample=torch.arange(n, device=images.device), dim=-1):
             with pyro.poutine.scale(scale=kl_weight):
                 lam = self.prior.sample(self.composer.num_tasks, self.composer.num_groups, images, temperature)
-            self.observe(self.logits(images, lam), labels)
+            self.observe(self.logits(images, lam, classes), labels)
         return lam
 
     def observe(self, logits: torch.Tensor, labels: torch.Tensor | None) -> None:

@@ -61,38 +61,64 @@ def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1) -> float:
     return weight * min(1.0, step / cfg.kl_anneal_steps)
 
 
+def unpack(split: tuple) -> tuple:
+    """``(images, features, labels, classes)`` of a split given as 3 tensors or 4 (``classes [N, C]``
+    bool: the classes each image may take, as in task addition; ``None`` when absent)."""
+    images, features, labels, *rest = split
+    return images, features, labels, (rest[0] if rest else None)
+
+
+def image_only(guide: Callable) -> Callable:
+    """The guide as SVI calls it: with the model's arguments minus ``classes``.
+
+    The likelihood needs each image's class set (in task addition: which task's head scores it),
+    but the posterior must infer the composition from the image alone, so the guide never receives it.
+    """
+    def call(*args, classes=None, **kwargs):
+        return guide(*args, **kwargs)
+
+    return call
+
+
+def _rows(x: torch.Tensor | None, i: int, j: int) -> torch.Tensor | None:
+    return None if x is None else x[i:j]
+
+
 @torch.no_grad()
-def mean_probs(model: VTVCModel, guide: AmortizedGatedGuide, images, features, batch_size: int = 256) -> torch.Tensor:
-    """Class probabilities ``[N, C]`` from the deterministic gated mean coefficients."""
+def mean_probs(model: VTVCModel, guide: AmortizedGatedGuide, images, features, batch_size: int = 256,
+               classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Class probabilities ``[N, C]`` from the deterministic gated mean coefficients (``classes``: see :func:`unpack`)."""
     guide.eval()
     out = []
     for i in range(0, len(images), batch_size):
         lam = guide.mean_coefficients(features[i : i + batch_size])
-        out.append(torch.softmax(model.logits(images[i : i + batch_size], lam), -1))
+        out.append(torch.softmax(model.logits(images[i : i + batch_size], lam, _rows(classes, i, i + batch_size)), -1))
     return torch.cat(out)
 
 
 def predictive_scores(model, guide, val, num_samples: int, temperature: float, seed: int = 0) -> dict[str, float]:
-    """NLL and accuracy of the Monte Carlo predictive on ``val = (images, features, labels)``.
+    """NLL and accuracy of the Monte Carlo predictive on ``val = (images, features, labels[, classes])``.
 
     The draws use their own seed (common random numbers across checkpoints) and leave the
     training RNG untouched.
     """
-    device = val[1].device  # the features: images may be a lazily decoded view
+    images, features, labels, classes = unpack(val)
+    device = features.device  # the features: images may be a lazily decoded view
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probs = sample_probs(model, guide, val[0], val[1], num_samples, temperature, generator_seed=seed)[0].mean(0)
-    labels = val[2].to(probs.device)
+        probs = sample_probs(model, guide, images, features, num_samples, temperature, generator_seed=seed,
+                             classes=classes)[0].mean(0)
+    labels = labels.to(probs.device)
     nll = -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean()
     return {"nll": float(nll), "accuracy": float((probs.argmax(-1) == labels).float().mean())}
 
 
 @torch.no_grad()
 def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
-                 max_copies: int = 512, generator_seed: int | None = None):
+                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None):
     """Monte Carlo predictive.
 
     Images are taken in chunks so that at most ``max_copies`` composed towers (draws × images)
-    exist at once.
+    exist at once. ``classes [N, C]`` (optional): each image's class set, as in :func:`unpack`.
 
     Returns:
         ``probs [S, N, C]`` per posterior draw, ``lam [S, N, T, G]`` and ``gate [S, N, T, G]``.
@@ -105,7 +131,7 @@ def sample_probs(model, guide, images, features, num_samples: int = 20, temperat
     for i in range(0, len(images), batch_size):
         with pyro.validation_enabled(False):  # a diverged fit evaluates to NaN instead of raising (see fit_svi)
             lam, gate = guide.sample_coefficients(features[i : i + batch_size], num_samples, temperature)
-        probs.append(torch.softmax(model.logits(images[i : i + batch_size], lam), -1))
+        probs.append(torch.softmax(model.logits(images[i : i + batch_size], lam, _rows(classes, i, i + batch_size)), -1))
         lams.append(lam)
         gates.append(gate)
     return torch.cat(probs, 1), torch.cat(lams, 1), torch.cat(gates, 1)
@@ -171,7 +197,9 @@ def fit_svi(
     """Fit the guide by SVI; on return the guide holds the best-on-val state.
 
     Args:
-        train, val: ``(images [N,3,H,W], features [N,D], labels [N])`` on the model's device.
+        train, val: ``(images [N,3,H,W], features [N,D], labels [N])`` on the model's device, plus
+            optionally ``classes [N, C]`` bool (each image's class set, for the likelihood only:
+            the guide never sees it, :func:`image_only`).
         checkpoint_path: the full training state (guide, optimizer, scheduler, RNG, sampler,
             history) is written there every ``checkpoint_every`` steps and on SIGINT/SIGTERM.
         resume: continue from ``checkpoint_path``; with the same seed the result equals an
@@ -189,7 +217,7 @@ def fit_svi(
     cfg.validate()
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    images, features, labels = train
+    images, features, labels, classes = unpack(train)
     multi = distributed.active()  # torchrun: data parallel over the guide (see vtvc_pyro.distributed)
     if multi:
         distributed.broadcast_module(guide)
@@ -200,7 +228,7 @@ def fit_svi(
     # a guide that enumerates a discrete site (the mixture's component) needs the enumerating ELBO
     elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
-                       max_plate_nesting=1)(model, guide)
+                       max_plate_nesting=1)(model, image_only(guide))
     params = [p for p in guide.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
@@ -243,9 +271,10 @@ def fit_svi(
             loss, finite = None, True
             for part in parts:
                 try:
+                    extra = {} if classes is None else {"classes": classes[part]}
                     part_loss = loss_fn(images[part], features[part], labels[part], num_data=len(images),
                                         kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                                        temperature=cfg.train_temperature) / len(parts)
+                                        temperature=cfg.train_temperature, **extra) / len(parts)
                 except ValueError as err:  # a distribution refused NaN/Inf parameters
                     if "invalid values" not in str(err):
                         raise

@@ -45,7 +45,7 @@ def fit(opts, build: Callable) -> None:
 def _list_registries(opts) -> None:
     from ..bayes.guide import GUIDES
     from ..bayes.priors import PRIORS
-    from ..methods.baselines import BASELINES
+    from ..methods.baselines import KNOWN_BASELINES
 
     if opts.list_priors:
         for name, cls in PRIORS.items():
@@ -54,7 +54,7 @@ def _list_registries(opts) -> None:
         for name, settings in GUIDES.items():
             print(f"{name:16s} {settings}")
     if opts.list_baselines:
-        print("\n".join(BASELINES))
+        print("\n".join(KNOWN_BASELINES))
 
 
 def ablate(opts, build: Callable) -> None:

@@ -405,3 +405,51 @@ def parse_spec(rest: str) -> tuple[str, str | None]:
     """``"MNIST@/data"`` -> ``("MNIST", "/data")``; ``"MNIST"`` -> ``("MNIST", None)``."""
     name, _, root = rest.partition("@")
     return name, (root or None)
+
+
+class ConcatImages:
+    """Several image splits (tensors or :class:`StreamedImages`) seen as one ``[N, 3, H, W]``, in order.
+
+    Indexing by an index tensor, list or slice returns a real tensor on :attr:`device`, as
+    :class:`StreamedImages` does; task addition trains on the union of the tasks' splits through it.
+    """
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        sizes = torch.tensor([len(p) for p in self.parts])
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    def to(self, device) -> ConcatImages:
+        return ConcatImages([p.to(device) for p in self.parts])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, int):
+            return self[[key]][0]
+        index = torch.arange(len(self))[key] if isinstance(key, slice) else torch.as_tensor(key).reshape(-1).cpu()
+        part = torch.searchsorted(self.starts, index, right=True) - 1
+        out = None
+        for p in part.unique().tolist():
+            rows = (part == p).nonzero().squeeze(1)
+            images = self.parts[p][(index[rows] - self.starts[p]).to(self.parts[p].device)].to(self.device)
+            if out is None:
+                out = images.new_empty((len(index), *images.shape[1:]))
+            out[rows.to(self.device)] = images
+        return out if out is not None else torch.zeros(0, device=self.device)
+
+
+def concat_images(parts: Sequence):
+    """``torch.cat`` of image tensors, or a :class:`ConcatImages` view when any part is streamed from disk."""
+    if all(torch.is_tensor(p) for p in parts):
+        return torch.cat(list(parts))
+    return ConcatImages(parts)

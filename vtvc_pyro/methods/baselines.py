@@ -26,6 +26,7 @@ from .merges import (
     choose_on_val,
     predict_shared,
     single_vector_bank,
+    split_classes,
     task_arithmetic,
     ties_merge,
     zero_coefficients,
@@ -43,9 +44,12 @@ class BaselineInputs:
     Args:
         visual: the base open_clip image tower.
         vectors: the task vectors to compose (the target's own excluded).
-        head: ``[C, D]`` zero-shot head of the target (logit scale included).
-        train, val: ``(images [N, 3, H, W], labels [N])``.
+        head: ``[C, D]`` zero-shot head of the target (logit scale included); in task addition the
+            stacked heads of every task (:class:`~vtvc_pyro.compose.heads.TaskHeads`).
+        train, val: ``(images [N, 3, H, W], labels [N])``, plus ``classes [N, C]`` bool in task
+            addition (each image's own head within the stacked ones).
         test_images: ``[N_test, 3, H, W]`` (AdaMerging adapts on them, without labels).
+        test_classes: ``[N_test, C]`` bool or ``None``, as for ``train``.
         own_vector: a one-task bank with the target's own fine-tuned vector, when the bank has it.
         steps, batch_size, eval_every, seed: the budget of the learned methods (their rates are tuned on val).
     """
@@ -56,6 +60,7 @@ class BaselineInputs:
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor]
     test_images: torch.Tensor
+    test_classes: torch.Tensor | None = None
     own_vector: TaskVectorBank | None = None
     steps: int = 600
     batch_size: int = 64
@@ -111,7 +116,7 @@ def _atlas(inp: BaselineInputs):
 def _adamerging(inp: BaselineInputs):
     c = inp.composer("layer")
     lam, info = tuned_adamerging(c, inp.head, inp.test_images, inp.val, steps=inp.steps, batch_size=inp.batch_size,
-                                 seed=inp.seed, progress=inp.progress)
+                                 seed=inp.seed, progress=inp.progress, classes=inp.test_classes)
     return c, lam, {**info, "lambda_mean": float(lam.mean())}
 
 
@@ -124,16 +129,22 @@ BASELINES: dict[str, Callable[[BaselineInputs], tuple]] = {
     "atlas": _atlas,
     "adamerging": _adamerging,
 }
-SEEDED_BASELINES = ("atlas", "adamerging")  # the others do not depend on the seed
+PROTOCOL_BASELINES = {
+    "router": "VTVC's amortized network as a deterministic per-sample router, trained by maximum likelihood "
+              "(vtvc_pyro.bayes.router; the protocols run it)",
+}
+"""Baselines that need the Bayesian layer's network and are run by the protocols, not by :func:`run_baseline`."""
+SEEDED_BASELINES = ("atlas", "adamerging", "router")  # the others do not depend on the seed
+KNOWN_BASELINES = (*BASELINES, *PROTOCOL_BASELINES)
 
 
 def expand_names(names: list[str]) -> list[str]:
-    """Baseline names with ``all`` replaced by every registered one; unknown names are a clear error."""
+    """Baseline names with ``all`` replaced by every known one; unknown names are a clear error."""
     out = []
     for name in names:
-        for item in (BASELINES if name == ALL_BASELINES else [name]):
-            if item not in BASELINES:
-                raise ConfigError(f"unknown baseline {item!r}: choose from {', '.join(BASELINES)} (or all)")
+        for item in (KNOWN_BASELINES if name == ALL_BASELINES else [name]):
+            if item not in KNOWN_BASELINES:
+                raise ConfigError(f"unknown baseline {item!r}: choose from {', '.join(KNOWN_BASELINES)} (or all)")
             if item not in out:
                 out.append(item)
     return out
@@ -147,6 +158,6 @@ def run_baseline(name: str, inputs: BaselineInputs) -> tuple[dict[str, torch.Ten
     composer, lam, info = BASELINES[name](inputs)
     if composer is None:
         return None, info
-    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam),
-             "test": predict_shared(composer, inputs.head, inputs.test_images, lam)}
+    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam, classes=split_classes(inputs.val)),
+             "test": predict_shared(composer, inputs.head, inputs.test_images, lam, classes=inputs.test_classes)}
     return probs, info

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..compose.engine import Composer
 from ..data.batches import minibatch_indices
-from .merges import accuracy, class_logits, nll, predict_shared
+from .merges import accuracy, class_logits, nll, predict_shared, split_classes
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +27,15 @@ ADAMERGING_LRS = (1e-3, 1e-2)
 
 
 def _val_record(composer, head, val, lam, step: int, **extra) -> dict:
-    probs = predict_shared(composer, head, val[0].to(head.device), lam)
+    probs = predict_shared(composer, head, val[0].to(head.device), lam, classes=split_classes(val))
     return {"step": step, "valnll": nll(probs, val[1]), "valaccuracy": accuracy(probs, val[1]), **extra}
 
 
 def learn_shared_coefficients(
     composer: Composer,
     head: torch.Tensor,
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    train: tuple,
+    val: tuple,
     steps: int = 600,
     batch_size: int = 64,
     lr: float = 5e-2,
@@ -47,6 +47,9 @@ def learn_shared_coefficients(
     trained with cross-entropy through the frozen head by plain Adam at a constant rate; the
     checkpoint with the lowest val NLL wins.
 
+    ``train``, ``val``: ``(images, labels[, classes])``; ``classes [N, C]`` bool is each image's
+    class set (task addition: its own task's head).
+
     Returns:
         ``lam [T, G]`` and a history dict.
     """
@@ -55,10 +58,12 @@ def learn_shared_coefficients(
     opt = torch.optim.Adam([lam], lr=lr)
     best = _val_record(composer, head, val, lam.detach(), 0)
     best_lam, history = lam.detach().clone(), [best]
+    classes = split_classes(train)
     for step, idx in enumerate(tqdm(minibatch_indices(len(train[0]), batch_size, steps, seed), total=steps,
                                     desc=f"atlas lr {lr:g}", disable=not progress, leave=False), 1):
         x, y = train[0][idx].to(device), train[1][idx].to(device)
-        loss = F.cross_entropy(class_logits(composer.shared(x, lam), head), y)
+        mask = None if classes is None else classes[idx].to(device)
+        loss = F.cross_entropy(class_logits(composer.shared(x, lam), head, mask), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -88,12 +93,14 @@ def adamerging(
     init: float = 0.3,
     seed: int = 0,
     progress: bool = False,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """AdaMerging (Yang et al., ICLR 2024): coefficients learned by minimising the Shannon entropy of
     the predictions on unlabelled test inputs; started at ``init``, clamped to [0, 1] after each step.
 
     Use a ``layer``-granularity composer for layer-wise AdaMerging. No labels are read: the last
-    coefficients are returned (:func:`tuned_adamerging` chooses the rate on val).
+    coefficients are returned (:func:`tuned_adamerging` chooses the rate on val). ``classes [N, C]``
+    (task addition): each unlabelled image's class set, i.e. which task's head scores it.
 
     Returns:
         ``lam [T, G]`` and a history dict (mean entropy every 50 steps).
@@ -104,7 +111,8 @@ def adamerging(
     history = []
     for step, idx in enumerate(tqdm(minibatch_indices(len(unlabeled), batch_size, steps, seed), total=steps,
                                     desc=f"adamerging lr {lr:g}", disable=not progress, leave=False), 1):
-        logits = class_logits(composer.shared(unlabeled[idx].to(device), lam), head)
+        mask = None if classes is None else classes[idx].to(device)
+        logits = class_logits(composer.shared(unlabeled[idx].to(device), lam), head, mask)
         entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         entropy.backward()

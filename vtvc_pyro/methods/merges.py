@@ -9,27 +9,32 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
+from ..compose.heads import class_logits
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-
-def class_logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """Zero-shot logits: ``features [N, D]``, ``head [C, D]`` (logit scale included) -> ``[N, C]``."""
-    return F.normalize(features, dim=-1) @ head.T
+__all__ = ["class_logits", "predict_shared", "accuracy", "nll", "zero_coefficients", "average_coefficients",
+           "choose_on_val", "task_arithmetic", "ties_merge", "single_vector_bank"]
 
 
 @torch.no_grad()
 def predict_shared(composer: Composer, head: torch.Tensor, images: torch.Tensor, lam: torch.Tensor,
-                   batch_size: int = 512) -> torch.Tensor:
-    """Class probabilities ``[N, C]`` of the tower composed with shared ``lam [T, G]``."""
-    out = [torch.softmax(class_logits(composer.shared(images[i : i + batch_size], lam), head), -1)
+                   batch_size: int = 512, classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Class probabilities ``[N, C]`` of the tower composed with shared ``lam [T, G]``
+    (``classes [N, C]`` bool: each image's class set, as in task addition; ``None``: all)."""
+    out = [torch.softmax(class_logits(composer.shared(images[i : i + batch_size], lam), head,
+                                      None if classes is None else classes[i : i + batch_size]), -1)
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
+
+
+def split_classes(split: tuple) -> torch.Tensor | None:
+    """The ``classes [N, C]`` of a ``(images, labels[, classes])`` split, ``None`` when it has none."""
+    return split[2] if len(split) > 2 else None
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -51,21 +56,23 @@ def average_coefficients(composer: Composer, device) -> torch.Tensor:
     return torch.full((composer.num_tasks, composer.num_groups), 1.0 / composer.num_tasks, device=device)
 
 
-def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
-                  grid: torch.Tensor, direction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple, grid: torch.Tensor,
+                  direction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The ``value · direction`` with the lowest val NLL over ``grid`` (direction: all ones ``[T, G]`` by default).
 
-    Returns ``lam [T, G]`` and the val NLL and accuracy per grid value (ties: the first in grid order).
+    ``val``: ``(images, labels[, classes])``. Returns ``lam [T, G]`` and the val NLL and accuracy per
+    grid value (ties: the first in grid order).
     """
     direction = torch.ones(composer.num_tasks, composer.num_groups, device=head.device) if direction is None else direction
-    probs = {round(v, 4): predict_shared(composer, head, val[0], v * direction) for v in grid.tolist()}
+    probs = {round(v, 4): predict_shared(composer, head, val[0], v * direction, classes=split_classes(val))
+             for v in grid.tolist()}
     nlls = {v: nll(p, val[1]) for v, p in probs.items()}
     best = min(nlls, key=nlls.get)
     return best * direction, {"valnll_by_lambda": nlls,
                               "valaccuracy_by_lambda": {v: accuracy(p, val[1]) for v, p in probs.items()}, "lambda": best}
 
 
-def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple[torch.Tensor, torch.Tensor],
+def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple,
                     grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One λ for the sum of all task vectors, chosen on val from ``grid`` (default 0, 0.05, ..., 1).
 

@@ -35,7 +35,7 @@ from ..bayes.registry import MODELS
 from ..config import ALL_BASELINES, DEFAULT_BANK, FitConfig, GridConfig, SVIConfig
 from ..errors import ConfigError
 from ..io import atomic_write, resolve_device, write_json
-from ..methods.baselines import BASELINES, SEEDED_BASELINES
+from ..methods.baselines import KNOWN_BASELINES, SEEDED_BASELINES
 from ..report import new_figure, save_figure
 from .transfer import load_target, run_baselines, run_fit, score_methods
 
@@ -48,7 +48,7 @@ def expand_methods(methods: list[str]) -> list[str]:
     """The grid's methods with ``all`` replaced by every registered baseline, each checked (see :func:`parse_method`)."""
     out = []
     for method in methods:
-        for name in (BASELINES if method == ALL_BASELINES else [method]):
+        for name in (KNOWN_BASELINES if method == ALL_BASELINES else [method]):
             parse_method(name)
             if name not in out:
                 out.append(name)
@@ -59,7 +59,7 @@ def parse_method(method: str) -> tuple[str, str | None, str | None, str | None]:
     """``"atlas"`` -> ``("atlas", None, None, None)``; ``"vtvc/laplace/global"`` -> ``("vtvc", "laplace",
     "global", None)`` (the default model); ``"vtvc/flat/gaussian/amortized"`` -> ``("vtvc", "gaussian",
     "amortized", "flat")``."""
-    if method in BASELINES:
+    if method in KNOWN_BASELINES:
         return method, None, None, None
     parts = method.split("/")
     if len(parts) == 4 and parts[0] == "vtvc" and parts[1] in MODELS:
@@ -68,7 +68,7 @@ def parse_method(method: str) -> tuple[str, str | None, str | None, str | None]:
         model = None
     if len(parts) == 3 and parts[0] == "vtvc" and parts[1] in PRIORS and parts[2] in GUIDES:
         return "vtvc", parts[1], parts[2], model
-    raise ConfigError(f"unknown method {method!r}: use a baseline ({', '.join(BASELINES)}) or vtvc/[MODEL/]PRIOR/GUIDE "
+    raise ConfigError(f"unknown method {method!r}: use a baseline ({', '.join(KNOWN_BASELINES)}) or vtvc/[MODEL/]PRIOR/GUIDE "
                       f"with MODEL in {', '.join(MODELS)}, PRIOR in {', '.join(PRIORS)} and GUIDE in {', '.join(GUIDES)}")
 
 

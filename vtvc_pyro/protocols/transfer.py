@@ -29,7 +29,8 @@ from ..bank.task_vectors import TaskVectorBank
 from ..bayes.guide import GUIDES
 from ..bayes.priors import make_prior
 from ..bayes.registry import make_vtvc
-from ..bayes.svi import fit_svi, mean_probs, sample_probs
+from ..bayes.router import RouterFit, tuned_router
+from ..bayes.svi import fit_svi, mean_probs, sample_probs, unpack
 from ..compose.engine import Composer
 from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
 from ..data.benchmarks import clip_preprocess
@@ -172,17 +173,45 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
     return target
 
 
+def _without_features(split: tuple) -> tuple:
+    """``(images, labels[, classes])`` of an ``(images, features, labels[, classes])`` split."""
+    images, _, labels, classes = unpack(split)
+    return (images, labels) if classes is None else (images, labels, classes)
+
+
+def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[dict, dict, RouterFit]:
+    """The deterministic per-sample router (:mod:`vtvc_pyro.bayes.router`) with VTVC's budget and K candidates:
+    ``{"val", "test"}`` probabilities, what it chose, and the fit."""
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    fit = tuned_router(composer, target.head, target.data["train"], target.data["val"], cfg.svi,
+                       candidate_components(cfg), cfg.hidden, cfg.slab_mean_init, cfg.seed, progress)
+    probs = {}
+    for split in ("val", "test"):
+        images, features, _, classes = unpack(target.data[split])
+        probs[split] = mean_probs(fit.model, fit.guide, images, features, classes=classes)
+    info = {"components": fit.guide.components, "best_step": fit.best_step, "best_valnll": fit.best_val_nll,
+            "history": fit.history}
+    return probs, info, fit
+
+
 def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
-    """``{"val", "test"}`` probabilities of each named baseline that applies, and what each chose."""
+    """``{"val", "test"}`` probabilities of each named baseline that applies, and what each chose.
+
+    Works for task addition too: splits with ``classes`` score every image with its own head.
+    """
+    test_images, _, _, test_classes = unpack(target.data["test"])
     inputs = baselines.BaselineInputs(
         visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
-        train=(target.data["train"][0], target.data["train"][2]), val=(target.data["val"][0], target.data["val"][2]),
-        test_images=target.data["test"][0], own_vector=target.own_vector, steps=cfg.svi.steps,
+        train=_without_features(target.data["train"]), val=_without_features(target.data["val"]),
+        test_images=test_images, test_classes=test_classes, own_vector=target.own_vector, steps=cfg.svi.steps,
         batch_size=cfg.svi.batch_size, eval_every=cfg.svi.eval_every, seed=cfg.seed, progress=progress,
     )
     probs, info = {}, {}
     for name in names:
-        p, info[name] = baselines.run_baseline(name, inputs)
+        if name == "router":
+            p, info[name], _ = run_router(cfg, target, progress)
+        else:
+            p, info[name] = baselines.run_baseline(name, inputs)
         if p is not None:
             probs[name] = p
     return probs, info
@@ -287,11 +316,11 @@ def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, pro
                      {"best_step": str(fit.best_step), "components": str(chosen)})
     methods, draws = {"vtvc": {}, "vtvc_mean": {}}, None
     for split in ("val", "test"):
-        x, f, _ = data[split]
+        x, f, _, classes = unpack(data[split])
         probs_s, lam_s, gate_s = sample_probs(model, guide, x, f, cfg.eval_samples, cfg.svi.eval_temperature,
-                                              generator_seed=cfg.seed)
+                                              generator_seed=cfg.seed, classes=classes)
         methods["vtvc"][split] = probs_s.mean(0)
-        methods["vtvc_mean"][split] = mean_probs(model, guide, x, f)
+        methods["vtvc_mean"][split] = mean_probs(model, guide, x, f, classes=classes)
         draws = (probs_s, lam_s, gate_s)
     return fit, guide, composer, methods, draws, {k: c[2].best_val_nll for k, c in candidates.items()}
 
@@ -301,8 +330,13 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
 
     Returns:
         the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``).
+        With ``cfg.protocol == "addition"`` this is :func:`~vtvc_pyro.protocols.addition.run_addition`.
     """
     cfg.validate()
+    if cfg.protocol == "addition":
+        from .addition import run_addition  # addition builds on this module's pieces
+
+        return run_addition(cfg, out, overwrite, resume, progress)
     out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
     device = resolve_device(cfg.device)
     prior = make_prior(cfg.prior, **cfg.prior_args)
@@ -399,7 +433,11 @@ def plan_fit(cfg: FitConfig) -> dict:
 
 
 def format_table(metrics: dict) -> str:
-    """A plain-text results table."""
+    """A plain-text results table (of either protocol)."""
+    if metrics.get("protocol") == "addition":
+        from .addition import format_addition
+
+        return format_addition(metrics)
     rows = [f"target: {metrics['target']}  ({metrics['num_test']} test images, {len(metrics['tasks'])} task vectors)",
             f"{'method':18s} {'accuracy':>9s} {'95% interval':>15s} {'nll':>8s} {'ece':>8s} {'brier':>8s} "
             f"{'nll (TS)':>9s} {'ece (TS)':>9s}"]

@@ -1,0 +1,110 @@
+"""The deterministic per-sample router: VTVC's amortized network trained by maximum likelihood.
+
+The competitor that VTVC must beat to justify being Bayesian (WEMoE and MetaNet route per sample
+without a posterior). It is the hierarchical guide's own network, used as a point estimate:
+
+    λ_i = σ(router(x_i)) ⊙ Σ_k q(k | x_i) λ̄^k          (:meth:`HierarchicalGuide.mean_coefficients`)
+
+with a Gaussian-prior guide (so no gates), trained by cross-entropy alone: no prior, no KL, no
+sampled routes. Everything else is VTVC's: the features it reads, K candidates chosen on val, the
+optimiser groups, schedule, clipping, step budget, and the state kept by the lowest val NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..compose.engine import Composer
+from ..config import SVIConfig
+from ..data.batches import minibatch_indices
+from .hierarchical import HierarchicalGuide, HierarchicalModel
+from .priors import make_prior
+from .svi import mean_probs, parameter_groups, unpack
+
+
+@dataclass
+class RouterFit:
+    """What :func:`fit_router` chose: the guide (best state), its val NLL and the history."""
+
+    guide: HierarchicalGuide
+    model: HierarchicalModel
+    best_step: int = 0
+    best_val_nll: float = math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+def make_router(composer: Composer, head: torch.Tensor, feature_dim: int, components: int = 1,
+                hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0):
+    """``(model, guide)`` of a router with ``components`` compositions (the model only scores logits)."""
+    torch.manual_seed(seed)
+    prior = make_prior("gaussian")
+    model = HierarchicalModel(composer, head, prior, routing=True, components=components)
+    guide = HierarchicalGuide(feature_dim, composer.num_tasks, composer.num_groups, prior, routing=True,
+                              components=components, hidden=hidden, slab_mean_init=slab_mean_init,
+                              component_scale=composer.component_scales())
+    return model.to(head.device), guide.to(head.device)
+
+
+def _val_nll(model, guide, val) -> float:
+    images, features, labels, classes = unpack(val)
+    probs = mean_probs(model, guide, images, features, classes=classes)
+    return float(-probs.gather(-1, labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
+
+
+def fit_router(model, guide: HierarchicalGuide, train: tuple, val: tuple, cfg: SVIConfig, seed: int = 0,
+               progress: bool = False) -> RouterFit:
+    """Train ``guide.mean_coefficients`` by cross-entropy; on return the guide holds the best-on-val state.
+
+    Args:
+        train, val: ``(images, features, labels[, classes])`` as for :func:`~vtvc_pyro.bayes.svi.fit_svi`.
+        cfg: VTVC's SVI settings (steps, batch size, rates, decay, clipping, eval_every).
+    """
+    images, features, labels, classes = unpack(train)
+    guide.initialize(features, seed=seed)
+    opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    params = [p for p in guide.parameters() if p.requires_grad]
+    result = RouterFit(guide, model)
+    best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    batches = minibatch_indices(len(images), cfg.batch_size, cfg.steps, seed)
+    for step, idx in enumerate(tqdm(batches, total=cfg.steps, desc=f"router K={guide.components}",
+                                    disable=not progress, leave=False), 1):
+        guide.train()
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for part in idx.to(features.device).chunk(cfg.accumulate):  # as SVI: backward per micro-batch
+            lam = guide.mean_coefficients(features[part])  # [B, T, G]
+            logits = model.logits(images[part], lam, None if classes is None else classes[part])
+            part_loss = F.cross_entropy(logits, labels[part]) * len(part) / len(idx)
+            part_loss.backward()
+            loss += part_loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        opt.step()
+        sched.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            nll = _val_nll(model, guide, val)
+            result.history.append({"step": step, "loss": float(loss), "val_nll": nll})
+            if nll < result.best_val_nll:
+                result.best_val_nll, result.best_step = nll, step
+                best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    guide.load_state_dict(best_state)
+    guide.eval()
+    return result
+
+
+def tuned_router(composer: Composer, head: torch.Tensor, train: tuple, val: tuple, cfg: SVIConfig,
+                 components: list[int], hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0,
+                 progress: bool = False) -> RouterFit:
+    """:func:`fit_router` for every candidate number of compositions; the lowest val NLL wins."""
+    fits = []
+    for k in components:
+        model, guide = make_router(composer, head, train[1].shape[1], k, hidden, slab_mean_init, seed)
+        fits.append(fit_router(model, guide, train, val, cfg, seed, progress))
+    best = min(fits, key=lambda f: f.best_val_nll)
+    best.history.append({"val_nll_by_components": {f.guide.components: f.best_val_nll for f in fits}})
+    return best
