@@ -95,6 +95,15 @@ def _report_parser() -> ArgumentParser:
     return parser
 
 
+def _table_parser() -> ArgumentParser:
+    parser = _parser("Results table (methods x tasks, average, normalized average) of run folders, Markdown and CSV.")
+    parser.add_argument("run_dirs", nargs="+", help="folders written by `vtvc fit` (one protocol; seeds are averaged)")
+    parser.add_argument("--reference", type=typing.Optional[str], default=None,
+                        help="add published rows of this model (ViT-B-32, ViT-B-16, ViT-L-14) for the data sets the runs have")
+    _add_out(parser, "write OUT.md and OUT.csv (default: print the Markdown only)")
+    return parser
+
+
 def _export_parser() -> ArgumentParser:
     parser = _parser("Export a run's posterior-mean composition as open_clip weights (.safetensors).")
     parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
@@ -192,7 +201,7 @@ def _bench_memory_parser() -> ArgumentParser:
 
 COMMANDS = {
     "fit": _fit_parser, "ablate": _ablate_parser, "negate": _negate_parser, "report": _report_parser,
-    "export": _export_parser,
+    "export": _export_parser, "table": _table_parser,
     "bank": {"build": _bank_build_parser, "import": _bank_import_parser, "truncate": _bank_truncate_parser,
              "finetune": _bank_finetune_parser, "pretrain": _bank_pretrain_parser},
     "data": {"check": _data_check_parser},

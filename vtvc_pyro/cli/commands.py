@@ -106,6 +106,20 @@ def report(opts, build: Callable) -> None:
         print(f"wrote {opts.run_dir}/{fig}")
 
 
+def table(opts, build: Callable) -> None:
+    from ..io import atomic_write
+    from ..tables import results_table, to_csv, to_markdown
+
+    result = results_table(opts.run_dirs, reference=opts.reference)
+    markdown = to_markdown(result)
+    print(markdown)
+    if opts.out:
+        for suffix, text in ((".md", markdown + "\n"), (".csv", to_csv(result))):
+            path = Path(opts.out).with_suffix(suffix)
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+            print(f"wrote {path}")
+
+
 def export(opts, build: Callable) -> None:
     from ..protocols.export import export_run
 
@@ -266,7 +280,7 @@ def bench_memory(opts, build: Callable) -> None:
 
 
 HANDLERS = {
-    ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export,
+    ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export, ("table",): table,
     ("bank", "build"): bank_build, ("bank", "import"): bank_import, ("bank", "truncate"): bank_truncate,
     ("bank", "finetune"): bank_finetune, ("bank", "pretrain"): bank_pretrain, ("data", "check"): data_check,
     ("bench", "composition"): bench_composition, ("bench", "memory"): bench_memory,

@@ -1,0 +1,185 @@
+"""Task addition (issue 15): per-image heads in the likelihood, an image-only guide, the scores, the
+protocol end to end on the embedded bank and on the stand-in benchmarks, and the results table."""
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vtvc_pyro.bayes.priors import make_prior
+from vtvc_pyro.bayes.registry import make_vtvc
+from vtvc_pyro.bayes.svi import fit_svi
+from vtvc_pyro.compose.engine import Composer
+from vtvc_pyro.compose.heads import TaskHeads, class_logits
+from vtvc_pyro.config import SVIConfig
+from vtvc_pyro.protocols.addition import routing_diagnostics, score_addition
+from vtvc_pyro.protocols.transfer import Target
+from vtvc_pyro.tables import Table, published_numbers, results_table, to_csv, to_markdown
+
+from .conftest import random_bank, run_inline
+
+
+def two_heads(d: int = 64):
+    torch.manual_seed(1)
+    return TaskHeads(["a", "b"], [torch.randn(3, d), torch.randn(2, d)])
+
+
+def test_task_heads_stack_and_label_each_image_with_its_own_columns():
+    heads = two_heads()
+    index = torch.tensor([0, 1, 1, 0])
+    assert heads.offsets == [0, 3, 5] and heads.columns(1) == slice(3, 5)
+    assert heads.global_labels(index, torch.tensor([2, 0, 1, 1])).tolist() == [2, 3, 4, 1]
+    assert heads.classes_for(index).tolist()[1] == [False, False, False, True, True]
+
+
+def test_the_likelihood_scores_every_image_with_its_own_tasks_head():
+    """The model's obs site is Categorical over the image's own head: its log-probability equals a
+    log-softmax over that task's classes alone, computed by hand per task."""
+    model_clip, _, _, bank = random_bank(num_tasks=2)
+    composer = Composer(model_clip.visual, bank, "task")
+    heads = two_heads(model_clip.visual.output_dim)
+    model, _ = make_vtvc("hierarchical", "amortized_gated", composer, heads.weight, make_prior("gaussian"), 8,
+                         components=1, routing=False)
+    images = torch.randn(4, 3, 16, 16)
+    index = torch.tensor([0, 1, 1, 0])
+    local = torch.tensor([2, 0, 1, 1])
+    labels, classes = heads.global_labels(index, local), heads.classes_for(index)
+    lam = torch.full((2, 1), 0.3)
+    trace = pyro.poutine.trace(pyro.poutine.condition(model, data={"slab": lam})).get_trace(
+        images, None, labels, classes=classes)
+    log_prob = trace.nodes["obs"]["fn"].log_prob(labels)
+    features = composer.shared(images, lam)
+    expected = torch.stack([F.log_softmax(class_logits(features[i : i + 1], heads.heads[t]), -1)[0, local[i]]
+                            for i, t in enumerate(index.tolist())])
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+    probs = trace.nodes["obs"]["fn"].probs
+    assert float(probs[~classes].abs().max()) == 0.0  # other tasks' classes: exactly 0
+
+
+def test_svi_never_hands_the_guide_the_task(monkeypatch):
+    """The model receives each image's class set (its task); the guide is called without it."""
+    model_clip, _, _, bank = random_bank(num_tasks=2)
+    composer = Composer(model_clip.visual, bank, "task")
+    heads = two_heads(model_clip.visual.output_dim)
+    model, guide = make_vtvc("hierarchical", "amortized_gated", composer, heads.weight, make_prior("spike_slab"), 8,
+                             components=1, routing=True)
+    seen = {"model": [], "guide": []}
+    for name, module in (("model", model), ("guide", guide)):
+        forward = module.forward
+        monkeypatch.setattr(module, "forward", lambda *a, _f=forward, _n=name, **k: (seen[_n].append(set(k)), _f(*a, **k))[1])
+    index = torch.tensor([0, 1] * 4)
+    split = (torch.randn(8, 3, 16, 16), torch.randn(8, 8), heads.global_labels(index, torch.zeros(8, dtype=torch.long)),
+             heads.classes_for(index))
+    fit_svi(model, guide, split, split, SVIConfig(steps=2, batch_size=4, eval_every=2, val_samples=1), progress=False)
+    assert seen["model"] and all("classes" in k for k in seen["model"])
+    assert seen["guide"] and not any("classes" in k for k in seen["guide"])
+
+
+def test_scores_per_task_average_and_normalized_average_by_hand():
+    heads = TaskHeads(["a", "b"], [torch.zeros(2, 4), torch.zeros(3, 4)])
+    index = torch.tensor([0, 0, 1, 1])
+    local = torch.tensor([0, 1, 2, 0])
+    labels, classes = heads.global_labels(index, local), heads.classes_for(index)
+    target = Target(None, ["a", "b"], None, heads.weight, {"test": (None, None, labels, classes),
+                                                          "val": (None, None, labels, classes),
+                                                          "task_index": {"test": index, "val": index}}, None, 0)
+    right = torch.tensor([[0.9, 0.1, 0, 0, 0], [0.2, 0.8, 0, 0, 0], [0, 0, 0.1, 0.1, 0.8], [0, 0, 0.7, 0.2, 0.1]])
+    half = torch.tensor([[0.6, 0.4, 0, 0, 0], [0.6, 0.4, 0, 0, 0], [0, 0, 0.2, 0.2, 0.6], [0, 0, 0.2, 0.6, 0.2]])
+    scores = score_addition({"finetuned": {"test": right, "val": right}, "m": {"test": half, "val": half}}, target, heads)
+    m = scores["m"]
+    assert m["per_task"]["a"]["accuracy"] == 0.5 and m["per_task"]["b"]["accuracy"] == 0.5
+    assert m["average"]["accuracy"] == 0.5
+    assert math.isclose(m["per_task"]["b"]["nll"], -(math.log(0.6) + math.log(0.2)) / 2, rel_tol=1e-5)
+    # finetuned: a 1.0, b 1.0 -> normalized 0.5 / 1.0 per task
+    assert scores["finetuned"]["normalized_average"] == 1.0 and m["normalized_average"] == 0.5
+
+
+def test_routing_accuracy_counts_the_images_whose_top_vector_is_their_own():
+    index = torch.tensor([0, 0, 1, 1])
+    lam = torch.tensor([[1.0, 0.1], [0.2, 0.9], [0.0, 1.0], [0.1, 0.8]])[None, :, :, None]  # [1, N, T, 1]
+    r = routing_diagnostics(lam, torch.ones_like(lam), index, ["a", "b"])
+    assert r["routing_accuracy_by_task"] == {"a": 0.5, "b": 1.0} and r["routing_accuracy"] == 0.75
+    assert torch.allclose(torch.tensor(r["mean_lambda"]), torch.tensor([[0.6, 0.5], [0.05, 0.9]]))
+
+
+def test_addition_end_to_end_on_the_embedded_bank(bank_path, tmp_path):
+    """Three tasks, few steps: every method scored per task, routing in metrics and figures, the table renders."""
+    out = tmp_path / "add"
+    proc = run_inline("--protocol", "addition", "--bank", str(bank_path), "--tasks", "[digits-inverted,textures,parity]",
+                      "--baselines", "[zeroshot,task_arithmetic,atlas,router]", "--components", "[1]",
+                      "--svi.steps", "6", "--svi.eval_every", "3", "--eval_samples", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "task addition: 3 tasks" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == "addition" and metrics["tasks"] == ["digits-inverted", "textures", "parity"]
+    assert set(metrics["methods"]) == {"finetuned", "zeroshot", "task_arithmetic", "atlas", "router", "vtvc", "vtvc_mean"}
+    for name, m in metrics["methods"].items():
+        assert set(m["per_task"]) == set(metrics["tasks"]), name
+        assert math.isclose(m["average"]["accuracy"], sum(t["accuracy"] for t in m["per_task"].values()) / 3)
+    assert metrics["methods"]["finetuned"]["normalized_average"] == 1.0
+    # the fine-tuned vectors beat zero-shot on the tasks they were trained for
+    assert metrics["methods"]["finetuned"]["average"]["accuracy"] > metrics["methods"]["zeroshot"]["average"]["accuracy"]
+    for name in ("vtvc", "router"):
+        r = metrics["routing"][name]
+        assert set(r["routing_accuracy_by_task"]) == set(metrics["tasks"]) and len(r["weight"]) == 3
+    assert metrics["num_test"] == {"digits-inverted": 200, "textures": 500, "parity": 200}
+    assert (out / "figures" / "routing.png").is_file() and (out / "posterior.nc").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["routing_accuracy"]) == {"vtvc", "router"}
+    table = results_table([out, out])
+    assert table.columns == ["digits-inverted", "textures", "parity", "average", "normalized"]
+    markdown = to_markdown(table)
+    assert "| vtvc |" in markdown and "± 0.0" in markdown  # the same run twice: sd 0
+    proc = run_inline(str(out), "--out", str(tmp_path / "table"), script="table.py")
+    assert proc.returncode == 0 and (tmp_path / "table.csv").read_text().startswith("method,source,digits-inverted_mean")
+
+
+def test_addition_on_the_stand_in_benchmarks_with_published_rows(real_world, real_bank, tmp_path):
+    """The real-scale path: benchmark specs matched to an imported bank's vectors, learning from val
+    (aTLAS's protocol), and the table with the published ViT-B/32 rows of those data sets."""
+    root = real_world / "data"
+    out = tmp_path / "add"
+    tasks = f"[benchmark:DTD@{root},benchmark:EuroSAT@{root},benchmark:MNIST@{root},benchmark:SVHN@{root}]"
+    proc = run_inline("--protocol", "addition", "--bank", str(real_bank), "--tasks", tasks, "--fit_split", "val",
+                      "--baselines", "[zeroshot,ties]", "--components", "[1]", "--svi.steps", "4",
+                      "--svi.batch_size", "4", "--svi.eval_every", "2", "--eval_samples", "2", "--device", "cpu",
+                      "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"] == ["DTD", "EuroSAT", "MNIST", "SVHN"]
+    markdown = to_markdown(results_table([out], reference="ViT-B-32"))
+    row = next(line for line in markdown.splitlines() if line.startswith("| task_arithmetic (published, wudi_readme)"))
+    assert row.split("|")[2:6] == [" 50.4 ", " 78.9 ", " 97.3 ", " 80.2 "]
+    assert row.split("|")[6:8] == [" — ", " — "]  # the published 8-task average is not one of these 4 tasks
+    bad = run_inline("--protocol", "addition", "--bank", str(real_bank), "--tasks", f"[benchmark:GTSRB@{root}]",
+                     "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "no task vector for" in bad.stderr
+
+
+def test_published_numbers_name_a_source_for_every_row():
+    published = published_numbers()
+    assert published["rows"] and all(r["source"] in published["sources"] for r in published["rows"])
+    b32 = {(r["method"], r["source"]): r for r in published["rows"] if r["model"] == "ViT-B-32"}
+    assert b32[("task_arithmetic", "wudi_readme")]["average"] == 69.1
+    assert b32[("individual_finetuned", "emr_merging_paper")]["average"] == 90.5
+    for r in published["rows"]:  # an average is the mean of its data sets, to rounding, or the row says why not
+        if r.get("per_task") and len(r["per_task"]) == 8 and r.get("average") is not None:
+            consistent = abs(sum(r["per_task"].values()) / 8 - r["average"]) < 0.1
+            assert consistent or "not the mean" in r.get("note", ""), (r["method"], r["source"])
+    assert to_csv(Table(["x"], [("m", "s", [(1.0, 0.0, 1)])])).splitlines()[1] == "m,s,1.0000,0.0000,1"
+
+
+@pytest.mark.parametrize("fit_split", ["train", "val"])
+def test_learning_splits_never_mix_train_and_val(fit_split):
+    from vtvc_pyro.data.specs import load_dataset
+    from vtvc_pyro.protocols.addition import learning_splits
+
+    task = learning_splits(load_dataset("digits"), fit_split, 0)
+    full = load_dataset("digits").split("train")[0]
+    train, val = task.split("train")[0], task.split("val")[0]
+    assert len(train) + len(val) == (len(full) if fit_split == "train" else round(0.1 * len(full)))
+    flat = lambda x: {tuple(r.flatten()[:40].tolist()) for r in x}  # noqa: E731
+    assert not flat(train) & flat(val)
