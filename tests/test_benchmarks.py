@@ -1,10 +1,14 @@
-"""The 8 benchmarks read from stand-in folders in torchvision's exact layouts."""
+"""The 8 benchmarks read from stand-in folders in torchvision's exact layouts; the task-addition cost benchmark."""
+
+import json
 
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from vtvc_pyro import backbone
+from vtvc_pyro.bench.addition import TASK_CLASSES
+from vtvc_pyro.cli import main as cli_main
 from vtvc_pyro.data import benchmarks
 from vtvc_pyro.data.benchmarks import (
     BENCHMARKS,
@@ -118,3 +122,32 @@ def test_streamed_images_behave_like_a_tensor_for_the_fit(root, preprocess):
 def test_default_root_comes_from_the_environment(root, preprocess, monkeypatch):
     monkeypatch.setenv(benchmarks.DATA_ROOT_ENV, str(root))
     assert len(load_dataset("benchmark:svhn", preprocess=preprocess).class_names) == 10
+
+
+def test_addition_benchmark_rows_on_the_tiny_model(tmp_path, capsys):
+    """Every (bank, step) row with its fields, on the stacked 8-task heads; times positive, never compared."""
+    out = tmp_path / "addition.json"
+    assert cli_main(["bench", "addition", "--models", "[tiny]", "--batch", "[8]", "--components", "[1,2]",
+                     "--repeats", "1", "--warmup", "0", "--markdown", "true", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["bank"], r["step"]) for r in rows] == [(b, s) for b in ("dense", "lowrank")
+                                                      for s in ("atlas", "vtvc K=1", "vtvc K=2")]
+    fields = {"model", "layers", "tasks", "classes", "batch", "bank", "rank", "dtype", "step", "components", "step_s",
+              "ratio_to_atlas", "peak_mib", "task_vectors_mib", "learned_params"}
+    for r in rows:
+        assert fields <= set(r)
+        assert r["model"] == "tiny" and r["tasks"] == 8 and r["batch"] == 8
+        assert r["classes"] == sum(TASK_CLASSES.values()) == 758
+        assert r["step_s"] > 0 and r["ratio_to_atlas"] > 0 and r["learned_params"] > 0
+        assert (r["rank"] == 16) == (r["bank"] == "lowrank")
+        assert r["components"] == (None if r["step"] == "atlas" else int(r["step"][-1]))
+        if r["step"] == "atlas":
+            assert r["ratio_to_atlas"] == 1.0
+    low, dense = rows[3], rows[0]
+    assert low["task_vectors_mib"] < dense["task_vectors_mib"]
+    assert {"command", "device", "torch", "repeats", "warmup"} <= set(result["meta"])
+    assert "| tiny | 2 | 8 | 758 | 8 | low-rank r = 16 | vtvc K=2 |" in printed
+    assert cli_main(["bench", "addition", "--from_json", str(out)]) == 0
+    assert capsys.readouterr().out.count("| tiny |") == len(rows)

@@ -355,3 +355,51 @@ class BenchMemoryConfig:
     granularity: Granularity = "block"
     dtype: StorageDtype = "bfloat16"
     shared: bool = False
+
+
+@dataclass
+class BenchAdditionConfig:
+    """One SVI step of the task-addition protocol against one aTLAS step on the same batch, random weights.
+
+    Args:
+        models: geometries to measure (vit-b-32, tiny).
+        layers: ViT-B/32 blocks (12: the whole tower).
+        tasks: number of tasks, one task vector and one head each (the 8 standard tasks' class counts, repeated past 8).
+        batch: batch sizes (images round robin over the tasks).
+        components: the hierarchical model's numbers of global compositions K to measure (the fit's default candidates: 1 and 4).
+        banks: task-vector banks to measure: dense and/or lowrank.
+        rank: rank of the low-rank task vectors.
+        dtype: task-vector storage dtype.
+        repeats: timed steps per configuration (the median is reported).
+        warmup: untimed steps before the timed ones.
+        device: cpu or cuda[:N].
+        threads: torch threads (0: torch's default).
+        out: write the rows and the environment to this JSON file.
+        markdown: also print the table as Markdown.
+        from_json: print the Markdown table of a saved run and exit.
+        quiet: no table header before the rows.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["vit-b-32"])
+    layers: int = 12
+    tasks: int = 8
+    batch: list[int] = field(default_factory=lambda: [8])
+    components: list[int] = field(default_factory=lambda: [1, 4])
+    banks: list[Literal["dense", "lowrank"]] = field(default_factory=lambda: ["dense", "lowrank"])
+    rank: int = 16
+    dtype: StorageDtype = "float32"
+    repeats: int = 1
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int = 0
+    out: Optional[str] = None
+    markdown: bool = False
+    from_json: Optional[str] = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        _positive(self, ("layers", "tasks", "rank", "repeats"))
+        _positive(self, ("warmup", "threads"), strict=False)
+        for name in ("batch", "components"):
+            if not all(v > 0 for v in getattr(self, name)):
+                raise ConfigError(f"every {name} must be > 0, got {getattr(self, name)}")

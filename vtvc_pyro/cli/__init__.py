@@ -199,13 +199,19 @@ def _bench_memory_parser() -> ArgumentParser:
     return _parser("Peak memory of one SVI step at real scale (random weights).", config.BenchMemoryConfig)
 
 
+def _bench_addition_parser() -> ArgumentParser:
+    return _parser("One SVI step of task addition against one aTLAS step on the same batch (random weights).",
+                   config.BenchAdditionConfig)
+
+
 COMMANDS = {
     "fit": _fit_parser, "ablate": _ablate_parser, "negate": _negate_parser, "report": _report_parser,
     "export": _export_parser, "table": _table_parser,
     "bank": {"build": _bank_build_parser, "import": _bank_import_parser, "truncate": _bank_truncate_parser,
              "finetune": _bank_finetune_parser, "pretrain": _bank_pretrain_parser},
     "data": {"check": _data_check_parser},
-    "bench": {"composition": _bench_composition_parser, "memory": _bench_memory_parser},
+    "bench": {"composition": _bench_composition_parser, "memory": _bench_memory_parser,
+              "addition": _bench_addition_parser},
 }
 """Subcommand name -> parser factory, or a group of them (``vtvc bank build``)."""
 

@@ -279,11 +279,18 @@ def bench_memory(opts, build: Callable) -> None:
     memory.main(build(config.BenchMemoryConfig, opts))
 
 
+def bench_addition(opts, build: Callable) -> None:
+    from ..bench import addition
+
+    addition.main(build(config.BenchAdditionConfig, opts))
+
+
 HANDLERS = {
     ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export, ("table",): table,
     ("bank", "build"): bank_build, ("bank", "import"): bank_import, ("bank", "truncate"): bank_truncate,
     ("bank", "finetune"): bank_finetune, ("bank", "pretrain"): bank_pretrain, ("data", "check"): data_check,
     ("bench", "composition"): bench_composition, ("bench", "memory"): bench_memory,
+    ("bench", "addition"): bench_addition,
 }
 
 
