@@ -137,23 +137,47 @@ def test_addition_end_to_end_on_the_embedded_bank(bank_path, tmp_path):
     assert proc.returncode == 0 and (tmp_path / "table.csv").read_text().startswith("method,source,digits-inverted_mean")
 
 
-def test_addition_on_the_stand_in_benchmarks_with_published_rows(real_world, real_bank, tmp_path):
-    """The real-scale path: benchmark specs matched to an imported bank's vectors, learning from val
-    (aTLAS's protocol), and the table with the published ViT-B/32 rows of those data sets."""
+EIGHT = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
+
+
+def test_addition_on_the_8_stand_in_benchmarks_with_published_rows(real_world, real_bank, tmp_path):
+    """The real-scale recipe on stand-ins: the 8 data sets, published-format checkpoints of all 8
+    imported into a bank, benchmark specs matched to its vectors, learning from val (aTLAS's
+    protocol), and the 8-task table with the published ViT-B/32 rows."""
+    from . import standins
+    from .conftest import REAL_ARCH, run_script
+
+    standins.write_published_checkpoints(tmp_path / "ckpt", REAL_ARCH, real_world / "base.safetensors", EIGHT)
+    bank = tmp_path / "bank"
+    proc = run_script("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
+                      str(tmp_path / "ckpt"), "--trust_pickle", "--dtype", "bfloat16", "--out", str(bank), "--quiet",
+                      script="import_checkpoints.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
     root = real_world / "data"
     out = tmp_path / "add"
-    tasks = f"[benchmark:DTD@{root},benchmark:EuroSAT@{root},benchmark:MNIST@{root},benchmark:SVHN@{root}]"
-    proc = run_inline("--protocol", "addition", "--bank", str(real_bank), "--tasks", tasks, "--fit_split", "val",
+    tasks = "[" + ",".join(f"benchmark:{t}@{root}" for t in EIGHT) + "]"
+    proc = run_inline("--protocol", "addition", "--bank", str(bank), "--tasks", tasks, "--fit_split", "val",
                       "--baselines", "[zeroshot,ties]", "--components", "[1]", "--svi.steps", "4",
                       "--svi.batch_size", "4", "--svi.eval_every", "2", "--eval_samples", "2", "--device", "cpu",
                       "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["tasks"] == ["DTD", "EuroSAT", "MNIST", "SVHN"]
-    markdown = to_markdown(results_table([out], reference="ViT-B-32"))
+    assert metrics["tasks"] == EIGHT
+    proc = run_inline(str(out), "--reference", "ViT-B-32", "--out", str(tmp_path / "table"), script="table.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    markdown = (tmp_path / "table.md").read_text()
+    assert markdown.splitlines()[2] == "| method | " + " | ".join(EIGHT) + " | average | normalized |"
     row = next(line for line in markdown.splitlines() if line.startswith("| task_arithmetic (published, wudi_readme)"))
-    assert row.split("|")[2:6] == [" 50.4 ", " 78.9 ", " 97.3 ", " 80.2 "]
-    assert row.split("|")[6:8] == [" — ", " — "]  # the published 8-task average is not one of these 4 tasks
+    assert [c.strip() for c in row.split("|")[2:11]] == ["55.2", "54.9", "66.7", "78.9", "80.2", "69.7", "97.3", "50.4",
+                                                         "69.1"]
+    assert "| vtvc |" in markdown and "| finetuned |" in markdown
+    one = run_inline("--protocol", "addition", "--bank", str(bank), "--tasks", f"[benchmark:GTSRB@{root}]",
+                      "--baselines=[]", "--components", "[1]", "--svi.steps", "2", "--svi.eval_every", "2",
+                      "--eval_samples", "2", "--device", "cpu", "--out", str(tmp_path / "one"), "--quiet")
+    assert one.returncode == 0, one.stderr[-2000:]
+    partial = to_markdown(results_table([tmp_path / "one"], reference="ViT-B-32"))
+    row = next(line for line in partial.splitlines() if line.startswith("| task_arithmetic (published, wudi_readme)"))
+    assert [c.strip() for c in row.split("|")[2:4]] == ["69.7", "—"]  # GTSRB's number; the 8-task average is not GTSRB's
     bad = run_inline("--protocol", "addition", "--bank", str(real_bank), "--tasks", f"[benchmark:GTSRB@{root}]",
                      "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "no task vector for" in bad.stderr
