@@ -7,13 +7,15 @@ without a posterior). It is the hierarchical guide's own network, used as a poin
 
 with a Gaussian-prior guide (so no gates), trained by cross-entropy alone: no prior, no KL, no
 sampled routes. Everything else is VTVC's: the features it reads, K candidates chosen on val, the
-optimiser groups, schedule, clipping, step budget, and the state kept by the lowest val NLL.
+optimiser groups, schedule, clipping, step budget, and the state kept by the lowest val NLL. Like
+the other learned baselines its learning rate is tuned on val: VTVC's rate times
+:data:`ROUTER_LR_FACTORS`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,9 @@ from ..data.batches import minibatch_indices
 from .hierarchical import HierarchicalGuide, HierarchicalModel
 from .priors import make_prior
 from .svi import mean_probs, parameter_groups, unpack
+
+ROUTER_LR_FACTORS = (0.5, 1.0, 2.0)
+"""The router's learning-rate grid, relative to VTVC's ``svi.lr``, each with the full step budget."""
 
 
 @dataclass
@@ -99,12 +104,16 @@ def fit_router(model, guide: HierarchicalGuide, train: tuple, val: tuple, cfg: S
 
 def tuned_router(composer: Composer, head: torch.Tensor, train: tuple, val: tuple, cfg: SVIConfig,
                  components: list[int], hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0,
-                 progress: bool = False) -> RouterFit:
-    """:func:`fit_router` for every candidate number of compositions; the lowest val NLL wins."""
-    fits = []
+                 progress: bool = False, lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
+    """:func:`fit_router` for every candidate number of compositions and learning rate; the lowest val NLL wins."""
+    fits = {}
     for k in components:
-        model, guide = make_router(composer, head, train[1].shape[1], k, hidden, slab_mean_init, seed)
-        fits.append(fit_router(model, guide, train, val, cfg, seed, progress))
-    best = min(fits, key=lambda f: f.best_val_nll)
-    best.history.append({"val_nll_by_components": {f.guide.components: f.best_val_nll for f in fits}})
+        for factor in lr_factors:
+            model, guide = make_router(composer, head, train[1].shape[1], k, hidden, slab_mean_init, seed)
+            fits[(k, cfg.lr * factor)] = fit_router(model, guide, train, val, replace(cfg, lr=cfg.lr * factor), seed,
+                                                    progress)
+    best_key = min(fits, key=lambda key: fits[key].best_val_nll)
+    best = fits[best_key]
+    best.history.append({"components": best_key[0], "lr": best_key[1],
+                         "val_nll_by_setting": {f"K={k}, lr={lr:g}": f.best_val_nll for (k, lr), f in fits.items()}})
     return best

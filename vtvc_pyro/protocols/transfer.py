@@ -189,8 +189,8 @@ def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[
     for split in ("val", "test"):
         images, features, _, classes = unpack(target.data[split])
         probs[split] = mean_probs(fit.model, fit.guide, images, features, classes=classes)
-    info = {"components": fit.guide.components, "best_step": fit.best_step, "best_valnll": fit.best_val_nll,
-            "history": fit.history}
+    *history, chosen = fit.history
+    info = {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
     return probs, info, fit
 
 
