@@ -6,11 +6,14 @@ import os
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the session's bank sits in the checkout (the library's default is the per-user cache folder):
+# every test, subprocess and notebook kernel uses this one
+os.environ.setdefault("VTVC_BANK", str(Path(__file__).resolve().parents[1] / "banks" / "embedded"))
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

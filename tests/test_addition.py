@@ -17,7 +17,13 @@ from vtvc_pyro.compose.heads import TaskHeads, class_logits
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.protocols.addition import routing_diagnostics, score_addition
 from vtvc_pyro.protocols.transfer import Target
-from vtvc_pyro.tables import Table, published_numbers, results_table, to_csv, to_markdown
+from vtvc_pyro.tables import (
+    Table,
+    published_numbers,
+    results_table,
+    to_csv,
+    to_markdown,
+)
 
 from .conftest import random_bank, run_inline
 

@@ -71,4 +71,4 @@ def test_finetuned_is_skipped_without_an_own_vector(bank_path):
 def test_unknown_baseline_is_refused():
     with pytest.raises(ConfigError, match="unknown baseline 'soup'"):
         expand_names(["soup"])
-    assert expand_names(["all"]) == list(BASELINES) and expand_names(["ties", "all"])[0] == "ties"
+    assert expand_names(["all"]) == [*BASELINES, "router"] and expand_names(["ties", "all"])[0] == "ties"

@@ -118,3 +118,22 @@ def test_writers_refuse_to_overwrite(short_run, tmp_path):
     proc = run_inline(str(run), "--out", str(target), script="export_composed.py")
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert target.read_bytes() == b"keep me"
+
+
+def test_banks_live_in_the_per_user_cache_unless_told_otherwise(tmp_path):
+    """Default: platformdirs' user cache; $VTVC_HOME moves it; $VTVC_BANK names the bank itself."""
+    import os
+    import subprocess
+    import sys
+
+    import platformdirs
+
+    def default_bank(**env) -> str:
+        clean = {k: v for k, v in os.environ.items() if k not in ("VTVC_HOME", "VTVC_BANK")}
+        code = "from vtvc_pyro.config import DEFAULT_BANK; print(DEFAULT_BANK)"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**clean, **env}).stdout.strip()
+
+    assert default_bank() == os.path.join(platformdirs.user_cache_dir("vtvc_pyro", appauthor=False), "banks", "embedded")
+    assert default_bank(VTVC_HOME=str(tmp_path)) == str(tmp_path / "banks" / "embedded")
+    assert default_bank(VTVC_HOME=str(tmp_path), VTVC_BANK="b") == "b"

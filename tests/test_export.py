@@ -6,6 +6,9 @@ folders of ``tests/standins.py``.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -19,13 +22,21 @@ from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import FitConfig, SVIConfig
 from vtvc_pyro.errors import BankError, ConfigError
 from vtvc_pyro.io import fingerprint, save_safetensors
-from vtvc_pyro.protocols.export import export_composed, export_run
+from vtvc_pyro.protocols.export import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_composed,
+    export_run,
+    metrics_table,
+    model_card,
+)
 from vtvc_pyro.protocols.transfer import run_fit
 
 from . import standins
 from .conftest import REAL_ARCH as ARCH
 from .conftest import REAL_TASKS as TASKS
-from .conftest import run_script
+from .conftest import ROOT, run_inline, run_script
 
 
 @pytest.fixture
@@ -128,3 +139,128 @@ def test_spec_to_fit_to_export_to_open_clip(world, bank, tmp_path):
     x = torch.randn(3, 3, 16, 16)
     assert torch.allclose(model.encode_image(x), composer.shared(x, lam), atol=1e-5)
     assert not torch.allclose(model.encode_image(x), loaded.model.encode_image(x), atol=1e-4)  # it did compose
+
+
+# ---------------------------------------------------------------- open_clip local-dir: folders (issue 16)
+OPEN_CLIP_ONLY = r"""
+import json, sys
+import open_clip, torch
+out = sys.argv[1]
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + out)
+tokenizer = open_clip.get_tokenizer("local-dir:" + out)
+torch.manual_seed(0)
+x = torch.randn(4, 3, 16, 16)
+with torch.no_grad():
+    image = model.encode_image(x)
+    text = model.encode_text(tokenizer(["a photo of a 3", "a brick texture"]))
+print(json.dumps({"image": image.tolist(), "text": text.tolist(), "size": model.visual.preprocess_cfg["size"],
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] == "vtvc_pyro")}))
+"""
+
+
+def _open_clip_alone(out, cwd):
+    """Load ``local-dir:out`` in a fresh interpreter that imports only open_clip and torch."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", OPEN_CLIP_ONLY, str(out)], capture_output=True, text=True,
+                          env={**env, "HF_HUB_OFFLINE": "1"}, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_export_folder_loads_in_open_clip_without_vtvc_pyro(short_run, bank_path, tmp_path):
+    run, _ = short_run
+    out = tmp_path / "composed"
+    proc = run_inline(str(run), "--out", str(out), script="export_composed.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "local-dir:" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [CARD_FILE, CONFIG_FILE, WEIGHTS_FILE]
+    assert not list(tmp_path.glob(".composed.*"))  # the temporary folder was renamed, nothing left behind
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["model_cfg"] == open_clip.get_model_config(ARCH)  # the custom config, whole
+    assert config["preprocess_cfg"]["size"] == [16, 16] and len(config["preprocess_cfg"]["mean"]) == 3
+    with safe_open(str(out / WEIGHTS_FILE), "pt") as f:
+        meta = f.metadata()
+    tasks, lam = json.loads(meta["tasks"]), torch.tensor(json.loads(meta["lam"]))
+
+    loaded = load_bank(bank_path)
+    composer = Composer(loaded.model.visual, loaded.vectors.select(tasks), "block")
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    expected = composer.shared(x, lam)
+    tokens = open_clip.get_tokenizer(ARCH)(["a photo of a 3", "a brick texture"])
+    alone = _open_clip_alone(out, tmp_path)
+    assert alone["loaded"] == [] and alone["size"] == [16, 16]
+    assert torch.allclose(torch.tensor(alone["image"]), expected, atol=1e-5)
+    assert not torch.allclose(expected, loaded.model.encode_image(x), atol=1e-4)  # it did compose
+    assert torch.allclose(torch.tensor(alone["text"]), loaded.model.encode_text(tokens), atol=1e-5)
+
+    card = (out / CARD_FILE).read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert f"`{loaded.manifest['base_fingerprint']}`" in card and f"`{ARCH}`" in card
+    for t, name in enumerate(tasks):
+        assert f"| {name} | {float(lam[t].mean()):+.4f} |" in card
+    assert "posterior coefficients" in card and "mixed test" in card
+    for method in ("vtvc", "vtvc_mean", "zeroshot", "atlas"):
+        assert f"| {method} | {metrics['methods'][method]['accuracy']:.4f} |" in card
+    assert f"python {ROOT / 'scripts' / 'export_composed.py'} {run} --out {out}\n" in card  # the exact command
+    assert "This exported model (one shared λ̄ for every image)" in card
+
+
+def test_export_folder_refuses_a_non_empty_folder(short_run, tmp_path):
+    run, _ = short_run
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep me")
+    proc = run_inline(str(run), "--out", str(out), "--evaluate", "false", script="export_composed.py")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    proc = run_inline(str(run), "--out", str(out), "--evaluate", "false", "--overwrite", script="export_composed.py")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "keep.txt").read_text() == "keep me" and (out / CONFIG_FILE).is_file()
+    assert "This exported model" not in (out / CARD_FILE).read_text()  # --evaluate false
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is free
+    info = export_run(run, empty, evaluate=False, command="vtvc export RUN --out empty")
+    assert info["folder"] and (empty / WEIGHTS_FILE).is_file() and "vtvc export RUN --out empty" in (
+        empty / CARD_FILE).read_text()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        export_run(run, tmp_path / "file", evaluate=False)
+
+
+def test_model_card_reads_both_metrics_layouts():
+    transfer = {"target": "mixed", "methods": {
+        "zeroshot": {"accuracy": 0.25, "nll": 2.0, "ece": 0.3, "interval95": {"accuracy": [0.2, 0.3]}},
+        "vtvc": {"accuracy": 0.75, "nll": 0.9, "ece": 0.05}}}
+    lines = metrics_table(transfer)
+    assert lines[2].startswith("| vtvc | 0.7500 | – | 0.9000 |")  # VTVC first
+    assert lines[3] == "| zeroshot | 0.2500 | [0.2000, 0.3000] | 2.0000 | 0.3000 |"
+    addition = {"protocol": "addition", "tasks": ["a", "b"], "methods": {
+        "vtvc": {"per_task": {"a": {"accuracy": 0.5}, "b": {"accuracy": 1.0}}, "average": {"accuracy": 0.75},
+                 "normalized_average": 0.8}}}
+    lines = metrics_table(addition)
+    assert lines[0] == "| method | average accuracy | normalized average | a | b |"
+    assert lines[2] == "| vtvc | 0.7500 | 0.8000 | 0.5000 | 1.0000 |"
+    card = model_card({"arch": ARCH, "base_fingerprint": "abc", "tasks": ["a", "b"], "lam": torch.ones(2, 3),
+                       "granularity": "block", "source": "by hand", "command": "vtvc export r --out o",
+                       "metrics": addition, "protocol": "addition"})
+    assert "| a | +1.0000 |" in card and "(addition) on the test split" in card and "vtvc export r --out o" in card
+
+
+def test_addition_run_exports_to_a_folder(bank_path, tmp_path):
+    out = tmp_path / "add"
+    proc = run_inline("--protocol", "addition", "--bank", str(bank_path), "--tasks", "[digits-inverted,parity]",
+                      "--baselines", "[zeroshot]", "--components", "[1]", "--svi.steps", "4", "--svi.eval_every", "2",
+                      "--eval_samples", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = export_run(out, tmp_path / "model", command="vtvc export add --out model")
+    assert info["tasks"] == ["digits-inverted", "parity"] and info["lam"].shape == (2, 32)
+    assert set(info["exported"]["per_task"]) == {"digits-inverted", "parity"}
+    card = (tmp_path / "model" / CARD_FILE).read_text()
+    assert "| method | average accuracy | normalized average | digits-inverted | parity |" in card
+    assert "the test splits of digits-inverted, parity" in card and "(addition, target `addition`)" in card
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'model'}")
+    loaded = load_bank(bank_path)
+    x = torch.randn(3, 3, 16, 16)
+    composer = Composer(loaded.model.visual, loaded.vectors.select(info["tasks"]), "block")
+    assert torch.allclose(model.encode_image(x), composer.shared(x, info["lam"]), atol=1e-5)

@@ -18,7 +18,7 @@ def test_netcdf_round_trip_and_arviz_tools(short_run, tmp_path):
     back = az.from_netcdf(tmp_path / "copy.nc")
     assert back.posterior["lam"].equals(idata.posterior["lam"])
     assert list(back.constant_data["task_name"].values) == list(idata.posterior["task"].values)
-    axes = az.plot_forest(idata, var_names=["lam"], coords={"sample": [0], "block": ["proj"]}, combined=True)
+    axes = az.plot_forest(idata, var_names=["lam"], coords={"image": [0], "block": ["proj"]}, combined=True)
     assert len(axes) == 1
     table, tasks, layers = layer_inclusion(idata)
     assert table.shape == (11, 4) and layers == ["embed", "layer0", "layer1", "head"]
@@ -69,6 +69,6 @@ def test_notebook_executes_top_to_bottom_and_draws(short_run):
     assert any("target: mixed" in o.get("text", "") for out in outputs.values() for o in out)
     # every cell that draws shows its figure (a backend switched by the library would leave them blank)
     drawing = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "plt.show()" in c.source]
-    assert len(drawing) == 2
+    assert len(drawing) == 2  # cells, each with several figures
     for i in drawing:
         assert any("image/png" in o.get("data", {}) for o in outputs[i]), f"cell {i} drew no image"

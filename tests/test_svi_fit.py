@@ -39,17 +39,45 @@ def test_fit_writes_every_output(short_run):
     assert "vtvc" in stdout and "task_arithmetic" in stdout
 
 
-def test_posterior_opens_in_arviz(short_run):
+def test_posterior_is_arviz_native(short_run, tmp_path):
+    """The ArviZ calls users make work on a real run: extract, summary, hdi, plot_forest, plot_ppc, loo, compare."""
     out, _ = short_run
     idata = az.from_netcdf(out / "posterior.nc")
-    assert {"posterior", "posterior_predictive", "observed_data", "sample_stats", "constant_data"} <= set(idata.groups())
+    assert {"posterior", "posterior_predictive", "log_likelihood", "observed_data", "predictions_constant_data",
+            "sample_stats", "constant_data", "svi_trace"} <= set(idata.groups())
     lam = idata.posterior["lam"]
-    assert lam.dims == ("chain", "draw", "sample", "task", "block")
+    assert lam.dims == ("chain", "draw", "image", "task", "block")
     assert lam.sizes["draw"] == 4 and lam.sizes["task"] == 11 and lam.sizes["block"] == 32
     assert "transformer.resblocks.0.mlp.c_fc.weight" in list(idata.posterior["block"].values)
-    summary = az.summary(idata, var_names=["lam"], coords={"sample": [0], "block": ["proj"]}, kind="stats")
+    # the prior's own sites by name: the hierarchical model's global gate and slab, and the routes
+    assert idata.posterior["slab"].dims[-2:] == ("task", "block") and idata.posterior["route"].dims[-2:] == ("image", "task")
+    assert set(np.unique(idata.posterior["gate"].values)) <= {0.0, 1.0}
+    # λ = route · gate · slab (one composition: K = 1 in a 30-step run unless K = 4 wins on val)
+    if "component" not in idata.posterior:
+        expected = idata.posterior["route"] * idata.posterior["gate"] * idata.posterior["slab"]
+        assert np.allclose(expected.transpose(*lam.dims).values, lam.values, atol=1e-6)
+    stacked = az.extract(idata, var_names=["lam"])
+    assert stacked.sizes["sample"] == 4 and "image" in stacked.dims
+    summary = az.summary(idata, var_names=["lam"], coords={"image": [0], "block": ["proj"]}, kind="stats")
     assert len(summary) == 11
-    assert idata.sample_stats["elbo"].sizes["step"] == 30
+    hdi = az.hdi(idata, var_names=["lam"], hdi_prob=0.9)
+    assert hdi["lam"].sizes["hdi"] == 2
+    assert len(az.plot_forest(idata, var_names=["lam"], coords={"image": [0], "block": ["proj"]}, combined=True)) == 1
+    # posterior predictive: one label per draw; the log-likelihood of the true labels
+    obs = idata.posterior_predictive["obs"]
+    assert obs.dims == ("chain", "draw", "image") and int(obs.max()) < 10
+    probs = idata.posterior_predictive["probs"].values
+    labels = idata.observed_data["obs"].values
+    log_lik = np.log(np.take_along_axis(probs, labels[None, None, :, None], -1)[..., 0])
+    assert np.allclose(idata.log_likelihood["obs"].values, log_lik, atol=1e-5)
+    assert az.plot_ppc(idata, kind="scatter", num_pp_samples=4, random_seed=0) is not None
+    loo = az.loo(idata)
+    assert np.isfinite(loo["elpd_loo"])
+    ranked = az.compare({"run": idata, "again": idata})
+    assert list(ranked.index) and np.isfinite(ranked["elpd_loo"]).all()
+    assert idata.sample_stats["sum_log_likelihood"].dims == ("chain", "draw")
+    assert idata.svi_trace["elbo"].sizes["step"] == 30
+    assert idata.predictions_constant_data["image_index"].values.tolist() == list(range(lam.sizes["image"]))
 
 
 def test_existing_out_is_refused_and_kept(short_run):
@@ -117,10 +145,12 @@ def test_every_prior_and_guide_fits_end_to_end(prior, guide, bank_path, tmp_path
     assert set(metrics["methods"]) == {"vtvc", "vtvc_mean"}  # --baselines= runs none
     lam = idata.posterior["lam"]
     assert bool(np.isfinite(lam).all())
-    gate = idata.posterior["gate"]
-    assert set(np.unique(gate.values)) <= {0.0, 1.0}
+    inclusion = idata.posterior["inclusion"]
+    assert set(np.unique(inclusion.values)) <= {0.0, 1.0}
     if PRIORS[prior].gate_site is None:  # no gate site: only whole task vectors are routed off, never a block
-        assert bool((gate == gate.isel(block=0)).all())
+        assert "gate" not in idata.posterior and bool((inclusion == inclusion.isel(block=0)).all())
+    else:
+        assert PRIORS[prior].gate_site in idata.posterior
     if prior == "spike_slab_negative":
         assert float(lam.max()) <= 0.0
 

@@ -35,11 +35,13 @@ _EXPORTS = {
     "Composer": "compose.engine",
     "TaskVector": "bank.task_vectors", "TaskVectorBank": "bank.task_vectors",
     "build_embedded_bank": "bank.store", "import_bank": "bank.store", "load_bank": "bank.store",
+    "import_hf_bank": "bank.hf",
     "truncate_bank": "bank.low_rank", "create_clip": "backbone", "load_benchmark": "data.benchmarks",
     "classification_metrics": "evaluate", "BASELINES": "methods.baselines",
     "run_fit": "protocols.transfer", "run_negation": "protocols.negation", "run_grid": "protocols.ablation",
-    "export_composed": "protocols.export", "export_run": "protocols.export",
-    "truncation_report": "protocols.truncation", "build_report": "report",
+    "export_composed": "protocols.export", "export_folder": "protocols.export", "export_run": "protocols.export",
+    "truncation_report": "protocols.truncation", "Predictor": "protocols.predict", "run_addition": "protocols.addition",
+    "TaskHeads": "compose.heads", "build_report": "report",
 }
 __all__ = sorted(_EXPORTS)
 

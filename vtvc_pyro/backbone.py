@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from .errors import BackboneError
+from .progress import track
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,13 @@ def zero_shot_head(
 
 
 @torch.no_grad()
-def image_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def image_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: bool = False,
+                   desc: str = "features") -> torch.Tensor:
     """L2-normalised base image features.
 
     Args:
         images: ``[N, 3, H, W]``.
+        progress: show the batches (:func:`~vtvc_pyro.progress.track`, named ``desc``).
 
     Returns:
         ``[N, D]`` float32.
@@ -132,6 +135,6 @@ def image_features(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     device = next(model.parameters()).device
     out = [
         F.normalize(model.encode_image(images[i : i + batch_size].to(device)).float(), dim=-1)
-        for i in range(0, len(images), batch_size)
+        for i in track(range(0, len(images), batch_size), desc, enabled=progress, leave=False)
     ]
     return torch.cat(out) if out else images.new_zeros(0, model.visual.output_dim)

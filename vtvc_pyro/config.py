@@ -15,14 +15,25 @@ Usage::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .errors import ConfigError
 
-DEFAULT_BANK = os.environ.get("VTVC_BANK", "banks/embedded")
-"""Where the embedded bank is built on first use (``$VTVC_BANK`` overrides it)."""
+
+def home() -> str:
+    """The folder for banks and their feature caches: ``$VTVC_HOME``, else the per-user cache folder
+    (platformdirs: ``~/.cache/vtvc_pyro`` on Linux), so an installed user builds the embedded bank once."""
+    import platformdirs
+
+    return os.environ.get("VTVC_HOME") or platformdirs.user_cache_dir("vtvc_pyro", appauthor=False)
+
+
+DEFAULT_BANK = os.environ.get("VTVC_BANK") or os.path.join(home(), "banks", "embedded")
+"""Where the embedded bank is built on first use: ``$VTVC_BANK``, else ``<home()>/banks/embedded``
+(``--bank`` overrides it per command)."""
 
 RUN_RECORD = "run"
 """The block of a run's ``config.json`` that holds what the run recorded (argv, device, versions), not settings."""
@@ -145,6 +156,7 @@ class FitConfig:
         posterior_samples: test images whose per-image posterior posterior.nc keeps.
         device: auto, cpu or cuda[:N].
         seed: seed of the guide's initialisation, the mini-batches, the posterior draws and the learned baselines.
+        logger: none (history.csv only) or tensorboard (also TensorBoard event files in the run's tensorboard/; needs pip install 'vtvc-pyro[tensorboard]').
         svi: SVI settings.
     """
 
@@ -174,10 +186,16 @@ class FitConfig:
     posterior_samples: int = 128
     device: str = "auto"
     seed: int = 0
+    logger: Literal["none", "tensorboard"] = "none"
     svi: SVIConfig = field(default_factory=SVIConfig)
 
     def validate(self) -> None:
         self.svi.validate()
+        if self.logger not in ("none", "tensorboard"):
+            raise ConfigError(f"unknown logger {self.logger!r}: use none or tensorboard")
+        if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--logger tensorboard needs the tensorboard package: "
+                              "pip install 'vtvc-pyro[tensorboard]' (or pip install tensorboard)")
         if self.protocol not in ("transfer", "addition"):
             raise ConfigError(f"unknown protocol {self.protocol!r}: use transfer or addition")
         if self.fit_split not in ("train", "val"):

@@ -1,12 +1,27 @@
 """Posterior as ArviZ InferenceData (arviz < 1): the one place that knows the ArviZ API.
 
-SVI draws are independent samples of the guide, stored as one chain. Groups:
+SVI draws are independent samples of the guide, stored as one chain (``chain``, ``draw``). The
+evaluated (held-out test) images have the dim ``image``; ``task`` and ``block`` index the
+coefficients (``block`` holds the coefficient groups: blocks, layers or ``all``). Groups:
 
-* ``posterior``: ``lam`` and ``gate`` with dims (chain, draw, sample, task, block) for the saved
-  evaluation samples (``block`` holds the coefficient groups: blocks, layers or ``all``);
-* ``posterior_predictive``: class probabilities per draw (chain, draw, sample, class);
-* ``observed_data``: labels; ``sample_stats``: the ELBO trace (dim ``step``);
+* ``posterior``: ``lam`` and ``inclusion`` (chain, draw, image, task, block), and every latent
+  site of the model by its own name: the prior's sites (the hierarchical model's are global:
+  (chain, draw, [component,] task[, block]); the flat model's are per image), ``route``
+  (chain, draw, image, task) and ``component`` (chain, draw, image);
+* ``posterior_predictive``: ``obs``, one label drawn per posterior draw (chain, draw, image), and
+  ``probs``, the class probabilities behind it (chain, draw, image, class);
+* ``log_likelihood``: ``obs``, log p(y_i | draw) of the true labels (chain, draw, image);
+* ``observed_data``: ``obs``, the true labels (image);
+* ``predictions_constant_data``: where each image sits in its split (``image_index``) and, in task
+  addition, its task (``image_task``);
+* ``sample_stats``: per draw, ``sum_log_likelihood`` of the saved images and ``kept_fraction``;
+* ``svi_trace``: the ELBO per SVI step (dim ``step``);
 * ``constant_data``: the task, block and class names (also the coords).
+
+The images are held out (the posterior was not fitted on them): ``log_likelihood`` then gives the
+test log predictive density, Σ_i log mean_s p(y_i | s), with ``az.loo`` (whose PSIS correction
+assumes the images were in the fit: read ``elpd_loo`` as a close lower bound of that density, and
+use ``az.compare`` to rank runs on the same images).
 """
 
 from __future__ import annotations
@@ -28,59 +43,88 @@ with warnings.catch_warnings():
     import arviz as az
 
 
+def _dims(value: torch.Tensor, lead: tuple[str, ...], event: tuple[str, ...]) -> tuple[str, ...]:
+    """The dims of a ``[S, *lead, *event]`` draw: ``chain, draw``, then ``lead``/``event`` names,
+    a ``component`` dim for what lies between."""
+    middle = value.dim() - 1 - len(lead) - len(event)
+    return ("chain", "draw", *lead, *(("component",) if middle == 1 else ()), *event)
+
+
 def to_inference_data(
-    lam: torch.Tensor,
-    gate: torch.Tensor,
-    sample_probs: torch.Tensor,
+    probs: torch.Tensor,
+    local: dict[str, torch.Tensor],
+    shared: dict[str, torch.Tensor],
     labels: torch.Tensor,
     tasks: Sequence[str],
     groups: Sequence[str],
     class_names: Sequence[str],
     elbo_trace: Sequence[float],
-    sample_index: torch.Tensor | None = None,
+    site_events: dict[str, tuple[str, ...]],
+    image_index: torch.Tensor | None = None,
+    image_task: torch.Tensor | None = None,
     attrs: dict | None = None,
+    seed: int = 0,
 ) -> az.InferenceData:
-    """Build InferenceData from guide draws.
+    """Build InferenceData from guide draws (see the module docstring for the groups).
 
     Args:
-        lam, gate: ``[S, N, T, G]`` posterior draws for ``N`` evaluation samples.
-        sample_probs: ``[S, N, C]`` predictive probabilities per draw.
+        probs: ``[S, N, C]`` predictive probabilities per draw for ``N`` evaluated images.
+        local: per-image draws ``[S, N, ...]``: ``lam``, ``inclusion`` ``[S, N, T, G]`` and sites
+            (:func:`~vtvc_pyro.bayes.svi.sample_draws`).
+        shared: global draws ``[S, (K,) ...]`` (the hierarchical model's prior sites).
         labels: ``[N]``.
-        sample_index: ``[N]`` positions of the saved samples in the evaluation split.
+        site_events: site name -> its event dims (``("task", "block")``, ``("task",)`` or ``()``).
+        image_index: ``[N]`` positions of the images in their split; image_task: ``[N]`` their task.
+        seed: seed of the ``posterior_predictive.obs`` draws.
     """
-    n = lam.shape[1]
-    coords = {
-        "chain": [0],
-        "draw": np.arange(lam.shape[0]),
-        "sample": (sample_index if sample_index is not None else torch.arange(n)).cpu().numpy(),
-        "task": list(tasks),
-        "block": list(groups),
-        "class": list(class_names),
-    }
+    n, c = probs.shape[1], probs.shape[2]
+    events = {"lam": ("task", "block"), "inclusion": ("task", "block"), "route": ("task",), "component": (),
+              **site_events}
 
     def arr(t: torch.Tensor) -> np.ndarray:
-        return t.detach().float().cpu().numpy()[None]
+        return t.detach().cpu().numpy()[None]
 
-    dims = ("chain", "draw", "sample", "task", "block")
-    posterior = xr.Dataset(
-        {"lam": (dims, arr(lam)), "gate": (dims, arr(gate))},
-        coords={k: coords[k] for k in dims},
-        attrs=dict(attrs or {}),
+    posterior, dims = {}, {}
+    for name, value in local.items():
+        posterior[name] = arr(value.float() if value.is_floating_point() else value)
+        dims[name] = list(_dims(value, ("image",), events.get(name, ()))[2:])
+    for name, value in shared.items():
+        posterior[name] = arr(value.float())
+        dims[name] = list(_dims(value, (), events.get(name, ()))[2:])
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial(probs.reshape(-1, c).double().cpu().clamp_min(0), 1, generator=generator).reshape(probs.shape[:2])
+    log_lik = probs.gather(-1, labels.to(probs.device).expand(probs.shape[0], n)[..., None])[..., 0].clamp_min(1e-30).log()
+    kept = (local["inclusion"] > 0).float().mean((1, 2, 3))
+    coords = {"image": np.arange(n), "task": list(tasks), "block": list(groups), "class": list(class_names)}
+    for name, value in shared.items():  # the hierarchical model's K compositions
+        if "component" in dims[name]:
+            coords["component"] = np.arange(value.shape[1])
+    constant = {"image_index": (image_index if image_index is not None else torch.arange(n)).cpu().numpy()}
+    if image_task is not None:
+        constant["image_task"] = image_task.cpu().numpy()
+    idata = az.from_dict(
+        posterior=posterior,
+        posterior_predictive={"obs": arr(draws), "probs": arr(probs.float())},
+        log_likelihood={"obs": arr(log_lik.float())},
+        observed_data={"obs": labels.cpu().numpy()},
+        predictions_constant_data=constant,
+        sample_stats={"sum_log_likelihood": arr(log_lik.float().sum(-1)), "kept_fraction": arr(kept)},
+        constant_data={"task_name": np.array(tasks, dtype=str), "block_name": np.array(groups, dtype=str),
+                       "class_name": np.array(class_names, dtype=str)},
+        coords=coords,
+        dims={**dims, "obs": ["image"], "probs": ["image", "class"], "image_index": ["image"],
+              "image_task": ["image"], "task_name": ["task"], "block_name": ["block"], "class_name": ["class"]},
     )
-    predictive = xr.Dataset(
-        {"probs": (("chain", "draw", "sample", "class"), arr(sample_probs))},
-        coords={k: coords[k] for k in ("chain", "draw", "sample", "class")},
-    )
-    observed = xr.Dataset({"obs": (("sample",), labels.cpu().numpy())}, coords={"sample": coords["sample"]})
-    stats = xr.Dataset({"elbo": (("step",), np.asarray(elbo_trace, dtype=np.float64))},
-                       coords={"step": np.arange(1, len(elbo_trace) + 1)})
-    constant = xr.Dataset(
-        {"task_name": (("task",), np.array(tasks, dtype=str)), "block_name": (("block",), np.array(groups, dtype=str)),
-         "class_name": (("class",), np.array(class_names, dtype=str))},
-        coords={"task": coords["task"], "block": coords["block"], "class": coords["class"]},
-    )
-    return az.InferenceData(posterior=posterior, posterior_predictive=predictive, observed_data=observed,
-                            sample_stats=stats, constant_data=constant)
+    idata.posterior.attrs.update(attrs or {})  # from_dict's own attrs do not reach every group in arviz 0.23
+    idata.add_groups({"svi_trace": xr.Dataset({"elbo": (("step",), np.asarray(elbo_trace, dtype=np.float64))},
+                                              coords={"step": np.arange(1, len(elbo_trace) + 1)})})
+    return idata
+
+
+def site_events(prior) -> dict[str, tuple[str, ...]]:
+    """The event dims of every site of ``prior``: ``("task", "block")``, ``("task",)`` or ``()``."""
+    names = {"tg": ("task", "block"), "t": ("task",), "": ()}
+    return {site.name: names[site.shape] for site in prior.sites}
 
 
 def save_inference_data(idata: az.InferenceData, path: str | Path) -> None:
@@ -89,10 +133,10 @@ def save_inference_data(idata: az.InferenceData, path: str | Path) -> None:
 
 
 def inclusion_summary(idata: az.InferenceData) -> xr.Dataset:
-    """Per (task, block): posterior inclusion probability, mean and sd of λ over draws and samples."""
+    """Per (task, block): posterior inclusion probability, mean and sd of λ over draws and images."""
     post = idata.posterior
     return xr.Dataset({
-        "inclusion": post["gate"].mean(("chain", "draw", "sample")),
-        "lam_mean": post["lam"].mean(("chain", "draw", "sample")),
-        "lam_sd": post["lam"].std(("chain", "draw", "sample")),
+        "inclusion": post["inclusion"].mean(("chain", "draw", "image")),
+        "lam_mean": post["lam"].mean(("chain", "draw", "image")),
+        "lam_sd": post["lam"].std(("chain", "draw", "image")),
     })

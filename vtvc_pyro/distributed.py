@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .progress import track
+
 log = logging.getLogger(__name__)
 
 
@@ -186,18 +188,20 @@ def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streamed_features(model: torch.nn.Module, images, batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
+def streamed_features(model: torch.nn.Module, images, batch_size: int = 256, num_workers: int = 0,
+                      progress: bool = False, desc: str = "features") -> torch.Tensor:
     """L2-normalised base features ``[N, D]`` of a streamed split (``StreamedImages``), in order.
 
     Images stream through a ``DataLoader``; under ``torchrun`` a ``DistributedSampler`` shards them
-    and the rows are gathered on every rank.
+    and the rows are gathered on every rank. ``progress``: show the batches (rank 0 only).
     """
     from torch.utils.data.distributed import DistributedSampler
 
     device = next(model.parameters()).device
     sampler = DistributedSampler(images.dataset, shuffle=False) if active() else None
+    loader = images.loader(batch_size, sampler=sampler, num_workers=num_workers)
     rows = [F.normalize(model.encode_image(x.to(device)).float(), dim=-1)
-            for x, _ in images.loader(batch_size, sampler=sampler, num_workers=num_workers)]
+            for x, _ in track(loader, desc, enabled=progress and is_main(), leave=False)]
     local = torch.cat(rows) if rows else torch.zeros(0, model.visual.output_dim, device=device)
     return gather_sharded(local, len(images))
 

@@ -42,7 +42,7 @@ def load_run(run_dir: str | Path):
 
 def layer_inclusion(idata) -> tuple[np.ndarray, list[str], list[str]]:
     """Posterior inclusion probability averaged into (task, layer): ``[T, L]``, task and layer labels."""
-    gate = idata.posterior["gate"].mean(("chain", "draw", "sample"))  # (task, block)
+    gate = idata.posterior["inclusion"].mean(("chain", "draw", "image"))  # (task, block)
     blocks = [str(b) for b in gate["block"].values]
     if idata.posterior.attrs.get("granularity", "block") != "block":  # already layers, or one group
         return gate.values, [str(t) for t in gate["task"].values], blocks
@@ -62,7 +62,7 @@ def summarize(idata, hdi_prob: float = 0.9) -> dict:
     post = idata.posterior
     draws = post.sizes["draw"] * post.sizes["chain"]
     inc = inclusion_summary(idata)
-    sample_mean = post["lam"].mean("sample")  # λ averaged over the saved test samples, per draw
+    sample_mean = post["lam"].mean("image")  # λ averaged over the saved test images, per draw
     hdi = az.hdi(sample_mean, hdi_prob=hdi_prob)["lam"]  # (task, block, hdi)
     mcse = sample_mean.std(("chain", "draw")) / np.sqrt(draws)
     per_block = []
@@ -79,7 +79,7 @@ def summarize(idata, hdi_prob: float = 0.9) -> dict:
         str(t): {
             "inclusion": float(inc["inclusion"].sel(task=t).mean()),
             "lam_mean": float(inc["lam_mean"].sel(task=t).mean()),
-            "kept_fraction": float((post["gate"].sel(task=t) > 0).mean()),
+            "kept_fraction": float((post["inclusion"].sel(task=t) > 0).mean()),
         }
         for t in inc["task"].values
     }
@@ -92,7 +92,7 @@ def summarize(idata, hdi_prob: float = 0.9) -> dict:
         "correct": (probs.argmax(-1) == labels).tolist(),
     }
     return {"draws": draws, "hdi_prob": hdi_prob, "per_task": per_task, "per_block": per_block,
-            "per_sample": per_sample, "kept_fraction": float((post["gate"] > 0).mean())}
+            "per_sample": per_sample, "kept_fraction": float((post["inclusion"] > 0).mean())}
 
 
 # ---------------------------------------------------------------- figures
@@ -109,7 +109,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 
 def plot_elbo(idata, path: Path) -> Path:
-    elbo = idata.sample_stats["elbo"].values
+    elbo = idata.svi_trace["elbo"].values
     fig, ax = new_figure(figsize=(6, 3.5))
     ax.plot(np.arange(1, len(elbo) + 1), elbo, lw=0.6, alpha=0.4, label="per step")
     window = max(1, len(elbo) // 30)
@@ -138,8 +138,8 @@ def plot_inclusion_heatmap(idata, path: Path) -> Path:
 
 def plot_lambda_forest(idata, path: Path) -> Path:
     """Per task, λ averaged over blocks; every (draw, sample) is one value (spread = across samples)."""
-    lam = idata.posterior["lam"].mean("block")  # (chain, draw, sample, task)
-    values = lam.stack(point=("chain", "draw", "sample")).transpose("task", "point").values
+    lam = idata.posterior["lam"].mean("block")  # (chain, draw, image, task)
+    values = lam.stack(point=("chain", "draw", "image")).transpose("task", "point").values
     tasks = [str(t) for t in lam["task"].values]
     fig, ax = new_figure(figsize=(6, 0.9 + 0.4 * len(tasks)))
     lo, q25, med, q75, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=1)
@@ -164,16 +164,17 @@ def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
             seen.add(y)
         if len(picks) == num:
             break
-    lam = idata.posterior["lam"].mean(("chain", "draw", "block"))  # (sample, task)
-    incl = idata.posterior["gate"].mean(("chain", "draw", "block"))
+    lam = idata.posterior["lam"].mean(("chain", "draw", "block"))  # (image, task)
+    incl = idata.posterior["inclusion"].mean(("chain", "draw", "block"))
     tasks = [str(t) for t in lam["task"].values]
     classes = [str(c) for c in idata.constant_data["class_name"].values]
     fig, axes = new_figure(1, len(picks), figsize=(3 * len(picks), 0.8 + 0.3 * len(tasks)), sharey=True)
     for ax, i in zip(np.atleast_1d(axes), picks):
-        ax.barh(range(len(tasks)), lam.isel(sample=i).values, color="C1", label="mean λ")
-        ax.plot(incl.isel(sample=i).values, range(len(tasks)), "k.", label="P(gate = 1)")
+        ax.barh(range(len(tasks)), lam.isel(image=i).values, color="C1", label="mean λ")
+        ax.plot(incl.isel(image=i).values, range(len(tasks)), "k.", label="P(included)")
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_title(f"test sample {int(lam['sample'].values[i])} ({classes[labels[i]]})", fontsize=9)
+        index = int(idata.predictions_constant_data["image_index"].values[i])
+        ax.set_title(f"test image {index} ({classes[labels[i]]})", fontsize=9)
     np.atleast_1d(axes)[0].set_yticks(range(len(tasks)), tasks)
     np.atleast_1d(axes)[0].invert_yaxis()
     np.atleast_1d(axes)[-1].legend(fontsize=7)

@@ -20,10 +20,10 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, safe_open
-from tqdm.auto import tqdm
 
 from .. import backbone
 from ..config import DEFAULT_BANK, BuildConfig
@@ -31,6 +31,7 @@ from ..data import specs, suite
 from ..data.suite import TaskData
 from ..errors import BankError
 from ..io import fingerprint, save_safetensors, write_json
+from ..progress import track
 from . import training
 from .task_vectors import TaskVector, TaskVectorBank
 
@@ -61,7 +62,7 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
     save_safetensors(model.state_dict(), out / "base.safetensors", {"arch": cfg.arch, "base_fingerprint": fp})
 
     heads, tasks_info = {}, {}
-    for name in tqdm(cfg.tasks, desc="fine-tune tasks", disable=not progress):
+    for name in track(cfg.tasks, "fine-tune tasks", enabled=progress):
         task = specs.load_dataset(name, cfg.seed)
         head = backbone.zero_shot_head(model, cfg.arch, task.class_names, task.templates)
         heads[name] = head
@@ -121,12 +122,13 @@ class LoadedBank:
             return self.heads[task.name]
         return backbone.zero_shot_head(self.model, self.arch, task.class_names, task.templates)
 
-    def features(self, task: TaskData, split: str, spec: str | None = None) -> torch.Tensor:
+    def features(self, task: TaskData, split: str, spec: str | None = None, progress: bool = False) -> torch.Tensor:
         """Base image features of a split, cached under ``features/`` (``[N, D]``).
 
         The cache file records the base model's fingerprint and is recomputed when it was made by
         another model. Streamed splits (benchmarks) go through a ``DataLoader``, sharded over the
-        ranks of a ``torch.distributed`` run; rank 0 writes the file.
+        ranks of a ``torch.distributed`` run; rank 0 writes the file. ``progress``: show the
+        batches of a computation (:mod:`vtvc_pyro.progress`).
         """
         from .. import distributed
 
@@ -140,10 +142,11 @@ class LoadedBank:
             cached = load_file(str(path))["features"]
             if len(cached) == len(images) and meta.get("base_fingerprint", fp) == fp:
                 return cached
+        desc = f"features {key}-{split}"
         if torch.is_tensor(images):
-            feats = backbone.image_features(self.model, images)
+            feats = backbone.image_features(self.model, images, progress=progress, desc=desc)
         else:
-            feats = distributed.streamed_features(self.model, images)
+            feats = distributed.streamed_features(self.model, images, progress=progress, desc=desc)
         if distributed.is_main():
             save_safetensors({"features": feats}, path, {"base_fingerprint": fp, "split": split, "spec": spec or task.name})
         return feats
@@ -312,11 +315,8 @@ def import_bank(
     Returns:
         the bank folder (``manifest.json`` written last).
     """
-    from ..data.benchmarks import BENCHMARKS
-
     out = Path(out)
-    if (out / "manifest.json").exists() and not overwrite:
-        raise BankError(f"{out} already holds a bank: pass another --out or --overwrite")
+    check_import_target(out, overwrite)
     if not finetuned:
         raise BankError("no fine-tuned checkpoints to import: pass --finetuned NAME=PATH or --checkpoints FOLDER")
     model = backbone.create_clip(arch, base_weights)
@@ -338,28 +338,55 @@ def import_bank(
         if base_weights is not None and diff > 1e-4:
             log.warning("the zero-shot image tower differs from %s by up to %.3g; the bank uses the zero-shot one",
                         base_weights, diff)
+    config = {"source": "import", "base_weights": base_weights, "zeroshot": str(zeroshot) if zeroshot else None, **notes}
+    return write_imported_bank(out, model, arch, finetuned, lambda path: read_checkpoint(path, trust_pickle), config,
+                               dtype, progress)
+
+
+def check_import_target(out: Path, overwrite: bool) -> None:
+    """Refuse to import over a complete bank unless ``overwrite`` (checked before any heavy work)."""
+    if (out / "manifest.json").exists() and not overwrite:
+        raise BankError(f"{out} already holds a bank: pass another --out or --overwrite")
+
+
+def write_imported_bank(out: str | Path, model: torch.nn.Module, arch: str, sources: Mapping[str, object],
+                        read: Callable[[object], Mapping[str, torch.Tensor]], config: dict, dtype: str = "float32",
+                        progress: bool = True) -> Path:
+    """Write the bank folder of an import: ``model`` is the base, ``read(source)`` one fine-tuned state dict.
+
+    Shared by :func:`import_bank` (open_clip / task_vectors checkpoints) and
+    :func:`vtvc_pyro.bank.hf.import_hf_bank` (Hugging Face folders). Sources are read one at a time,
+    so the peak memory is the base plus one checkpoint.
+
+    Args:
+        sources: task name -> checkpoint source (a path, a hub id); ``str(source)`` goes in the manifest.
+        read: source -> open_clip state dict (``visual.*`` or ``visual``-relative names).
+        config: recorded under the manifest's ``config`` (beside ``seed`` and ``dtype``).
+    """
+    from ..data.benchmarks import BENCHMARKS
+
+    out = Path(out)
     base_visual = backbone.image_tower_params(model)
     fp = fingerprint(base_visual)
     (out / "task_vectors").mkdir(parents=True, exist_ok=True)
     save_safetensors(model.state_dict(), out / "base.safetensors", {"arch": arch, "base_fingerprint": fp})
     tasks_info = {}
-    for name, path in tqdm(sorted(finetuned.items()), desc="import", disable=not progress):
+    for name, source in track(sorted(sources.items()), "import", enabled=progress):
         bench = BENCHMARKS.get(name)
         fixed = bench.class_names(None) if bench and name in ("GTSRB", "MNIST", "SVHN") else ()
-        tv = TaskVector.from_state_dicts(read_checkpoint(path, trust_pickle), base_visual, arch, name, fixed)
+        tv = TaskVector.from_state_dicts(read(source), base_visual, arch, name, fixed)
         tv.save(out / "task_vectors" / f"{name}.safetensors", dtype)
-        tasks_info[name] = {"file": f"task_vectors/{name}.safetensors", "source": str(path),
+        tasks_info[name] = {"file": f"task_vectors/{name}.safetensors", "source": str(source),
                             "norm": round(float(torch.sqrt(sum((d.float() ** 2).sum() for d in tv.deltas.values()))), 4)}
     manifest = {
         "format": "vtvc-bank/1",
         "arch": arch,
         "base_fingerprint": fp,
-        "config": {"seed": 0, "source": "import", "base_weights": base_weights, "zeroshot": str(zeroshot) if zeroshot else None,
-                   "dtype": dtype, **notes},
+        "config": {"seed": 0, **config, "dtype": dtype},
         "tasks": tasks_info,
         "targets": {},
     }
-    write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)  # written last: its presence marks a complete bank
     return out
 
 

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..backbone import tokenizer_for
 from ..data import suite
+from ..progress import track
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def pretrain_clip(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses = []
-    for _ in tqdm(range(steps), desc="pretrain", disable=not progress, leave=False):
+    for _ in track(range(steps), "pretrain", enabled=progress, leave=False):
         idx = torch.randint(0, len(images), (batch_size,), generator=g)
         x = suite.normalize(suite.shifted(images[idx], g)).to(device)
         captions = []
@@ -106,7 +106,7 @@ def finetune_image_tower(
     opt = torch.optim.AdamW(visual.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses = []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    for _ in track(range(steps), desc, enabled=progress, leave=False):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)
         logits = F.normalize(visual(images[idx].to(device)), dim=-1) @ head.T
         loss = F.cross_entropy(logits, labels[idx].to(device))

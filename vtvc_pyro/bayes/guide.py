@@ -255,14 +255,28 @@ class AmortizedGatedGuide(PyroModule):
         return params
 
     @torch.no_grad()
+    @torch.no_grad()
+    def sample_posterior(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01,
+                         shared: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Posterior draws outside Pyro, every site by name.
+
+        Returns:
+            ``(local, shared)``: ``local`` holds ``lam`` and ``inclusion`` ``[S, N, T, G]`` and every
+            prior site ``[S, N, *site dims]``; ``shared`` (global sites) is empty: every latent of
+            the flat model is per image. ``shared`` is accepted for the signature of
+            :meth:`HierarchicalGuide.sample_posterior` and ignored.
+        """
+        values = sample_sites(self.prior, self.posterior_params(features), num_samples, temperature)
+        return {**values, "lam": self.prior.combine(values), "inclusion": self.prior.inclusion(values)}, {}
+
     def sample_coefficients(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01):
         """Posterior draws outside Pyro (fast predictive).
 
         Returns:
             ``lam [S, N, T, G]`` and ``gate [S, N, T, G]`` (ones without a gate site).
         """
-        values = sample_sites(self.prior, self.posterior_params(features), num_samples, temperature)
-        return self.prior.combine(values), self.prior.inclusion(values)
+        local, _ = self.sample_posterior(features, num_samples, temperature)
+        return local["lam"], local["inclusion"]
 
 
 GUIDES = {

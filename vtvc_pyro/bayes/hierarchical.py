@@ -356,22 +356,44 @@ class HierarchicalGuide(PyroModule):
         return self.route_probs(features)[..., None] * lam_bar
 
     @torch.no_grad()
-    def sample_coefficients(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01):
-        """Posterior draws: ``lam [S, N, T, G]`` and the inclusion ``[S, N, T, G]`` (route × gate)."""
-        values = sample_sites(self.prior, self.composition_params(), num_samples, temperature)
-        lam_bar, gate = self.prior.combine(values), self.prior.inclusion(values)  # [S, (K,) T, G]
+    def sample_posterior(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01,
+                         shared: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Posterior draws outside Pyro, every site by name.
+
+        Args:
+            shared: global draws of an earlier call (the same images' other chunks), reused so that
+                draw ``s`` is one joint draw for every image; ``None`` draws them.
+
+        Returns:
+            ``(local, shared)``: ``local`` holds ``lam`` and ``inclusion`` (route × gate)
+            ``[S, N, T, G]``, ``route [S, N, T]`` (with routing) and ``component [S, N]`` (K > 1);
+            ``shared`` every site of the prior of λ̄, ``[S, (K,) *site dims]``.
+        """
+        if shared is None:
+            shared = sample_sites(self.prior, self.composition_params(), num_samples, temperature)
+        lam_bar, gate = self.prior.combine(shared), self.prior.inclusion(shared)  # [S, (K,) T, G]
+        local = {}
         if self.components > 1:  # each draw: image i follows its own drawn component
             c = torch.distributions.Categorical(probs=self.component_probs(features)).sample((num_samples,))  # [S, N]
             draw = torch.arange(num_samples, device=c.device)[:, None]
             lam_bar, gate = lam_bar[draw, c], gate[draw, c]  # [S, N, T, G]
+            local["component"] = c
         else:
             lam_bar, gate = lam_bar[:, None], gate[:, None]  # [S, 1, T, G]
         probs = self.route_probs(features)
         if self.routing:
             route = dist.RelaxedBernoulliStraightThrough(probs.new_tensor(temperature), probs=probs).rsample((num_samples,))
+            local["route"] = route
         else:
             route = probs.expand(num_samples, *probs.shape)  # every vector kept: ones, no draw
-        return route[..., None] * lam_bar, route[..., None] * gate
+        local["lam"] = route[..., None] * lam_bar
+        local["inclusion"] = route[..., None] * gate
+        return local, shared
+
+    def sample_coefficients(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01):
+        """Posterior draws: ``lam [S, N, T, G]`` and the inclusion ``[S, N, T, G]`` (route × gate)."""
+        local, _ = self.sample_posterior(features, num_samples, temperature)
+        return local["lam"], local["inclusion"]
 
     @torch.no_grad()
     def summary(self) -> dict[str, torch.Tensor]:

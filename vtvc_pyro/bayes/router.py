@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..compose.engine import Composer
 from ..config import SVIConfig
 from ..data.batches import minibatch_indices
+from ..progress import track
 from .hierarchical import HierarchicalGuide, HierarchicalModel
 from .priors import make_prior
 from .svi import mean_probs, parameter_groups, unpack
@@ -77,8 +77,8 @@ def fit_router(model, guide: HierarchicalGuide, train: tuple, val: tuple, cfg: S
     result = RouterFit(guide, model)
     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     batches = minibatch_indices(len(images), cfg.batch_size, cfg.steps, seed)
-    for step, idx in enumerate(tqdm(batches, total=cfg.steps, desc=f"router K={guide.components}",
-                                    disable=not progress, leave=False), 1):
+    for step, idx in enumerate(track(batches, f"router K={guide.components} lr {cfg.lr:g}", total=cfg.steps,
+                                     enabled=progress, leave=False), 1):
         guide.train()
         opt.zero_grad(set_to_none=True)
         loss = 0.0

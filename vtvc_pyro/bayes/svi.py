@@ -4,11 +4,14 @@ The ELBO is an ``nn.Module`` (``Trace_ELBO()(model, guide)``) trained with a tor
 AdamW, cosine schedule, gradient clipping; the global posterior's constants (the hierarchical
 model's ``composition``) are optimised at ``global_lr`` without weight decay, the budget of the
 aTLAS baseline's shared coefficients. Every ``eval_every`` steps the Monte Carlo predictive (the one
-that is reported) is scored on val and the state with the lowest val NLL is kept.
+that is reported) is scored on val and the state with the lowest val NLL is kept. Every step can be
+watched as it goes: a row of ``history.csv`` (:mod:`vtvc_pyro.bayes.history`) and the progress bar
+or, off a terminal, a few plain lines (:mod:`vtvc_pyro.progress`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -21,14 +24,15 @@ from typing import Callable
 import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..config import SVIConfig
 from ..data.batches import MinibatchSampler
 from ..errors import ConfigError, FitInterrupted, NumericalError
+from ..progress import track
 from .checkpoint import load_training_state, save_training_state
 from .guide import AmortizedGatedGuide
+from .history import History, elbo_split, kept_fraction
 from .model import VTVCModel
 
 log = logging.getLogger(__name__)
@@ -113,28 +117,41 @@ def predictive_scores(model, guide, val, num_samples: int, temperature: float, s
 
 
 @torch.no_grad()
-def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
-                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None):
-    """Monte Carlo predictive.
+def sample_draws(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
+                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None,
+                 progress: bool = False, desc: str = "predictive"):
+    """Monte Carlo predictive with every posterior site.
 
     Images are taken in chunks so that at most ``max_copies`` composed towers (draws × images)
-    exist at once. ``classes [N, C]`` (optional): each image's class set, as in :func:`unpack`.
+    exist at once; the global sites are drawn once and shared by every chunk, so draw ``s`` is one
+    joint posterior draw. ``classes [N, C]`` (optional): each image's class set, as in :func:`unpack`.
+    ``progress``: show the chunks (:func:`~vtvc_pyro.progress.track`, named ``desc``).
 
     Returns:
-        ``probs [S, N, C]`` per posterior draw, ``lam [S, N, T, G]`` and ``gate [S, N, T, G]``.
+        ``probs [S, N, C]`` per draw, ``local`` (``lam``, ``inclusion`` ``[S, N, T, G]`` and the
+        per-image sites, each ``[S, N, ...]``) and ``shared`` (the global sites, ``[S, ...]``).
     """
     batch_size = max(1, max_copies // num_samples)
     guide.eval()
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    probs, lams, gates = [], [], []
-    for i in range(0, len(images), batch_size):
+    probs, chunks, shared = [], [], None
+    for i in track(range(0, len(images), batch_size), desc, enabled=progress, leave=False):
         with pyro.validation_enabled(False):  # a diverged fit evaluates to NaN instead of raising (see fit_svi)
-            lam, gate = guide.sample_coefficients(features[i : i + batch_size], num_samples, temperature)
-        probs.append(torch.softmax(model.logits(images[i : i + batch_size], lam, _rows(classes, i, i + batch_size)), -1))
-        lams.append(lam)
-        gates.append(gate)
-    return torch.cat(probs, 1), torch.cat(lams, 1), torch.cat(gates, 1)
+            local, shared = guide.sample_posterior(features[i : i + batch_size], num_samples, temperature, shared)
+        logits = model.logits(images[i : i + batch_size], local["lam"], _rows(classes, i, i + batch_size))
+        probs.append(torch.softmax(logits, -1))
+        chunks.append(local)
+    local = {name: torch.cat([c[name] for c in chunks], 1) for name in chunks[0]}
+    return torch.cat(probs, 1), local, shared
+
+
+def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
+                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None):
+    """:func:`sample_draws` reduced to ``probs [S, N, C]``, ``lam [S, N, T, G]`` and the inclusion ``[S, N, T, G]``."""
+    probs, local, _ = sample_draws(model, guide, images, features, num_samples, temperature, max_copies,
+                                   generator_seed, classes)
+    return probs, local["lam"], local["inclusion"]
 
 
 def parameter_groups(guide: torch.nn.Module, cfg: SVIConfig) -> list[dict]:
@@ -193,6 +210,8 @@ def fit_svi(
     progress: bool = True,
     score: Callable | None = None,
     seed: int = 0,
+    history_path: Path | None = None,
+    tensorboard_dir: Path | None = None,
 ) -> FitResult:
     """Fit the guide by SVI; on return the guide holds the best-on-val state.
 
@@ -208,6 +227,10 @@ def fit_svi(
         score: ``score(model, guide, val) -> float``, higher is better, selects the best state
             (default: minus the val NLL of the Monte Carlo predictive with ``cfg.val_samples`` draws,
             whose NLL and accuracy are recorded too).
+        progress: show the steps (:func:`~vtvc_pyro.progress.track`; rank 0 only).
+        history_path: ``history.csv`` (:mod:`vtvc_pyro.bayes.history`): one row per step, written as
+            the fit goes (rank 0 only); with ``resume`` the rows up to the checkpoint's step are kept.
+        tensorboard_dir: also write the same scalars as TensorBoard events there (rank 0 only).
 
     Raises:
         NumericalError: the loss or a gradient is NaN/Inf (unless ``cfg.skip_nonfinite``); the
@@ -230,7 +253,9 @@ def fit_svi(
     loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
                        max_plate_nesting=1)(model, image_only(guide))
     params = [p for p in guide.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
+    groups = parameter_groups(guide, cfg)
+    global_group = len(groups) - 1 if "lr" in groups[-1] else None  # the composition group, last when present
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     sampler = MinibatchSampler(len(images), cfg.batch_size, seed)
     result = FitResult()
@@ -257,9 +282,12 @@ def fit_svi(
         save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
 
     start = time.time()
-    bar = tqdm(range(first, cfg.steps + 1), total=cfg.steps, initial=first - 1, desc="svi",
-               disable=not progress or not distributed.is_main())
-    with _StopRequest() as stop:
+    desc = f"svi K={guide.components}" if hasattr(guide, "components") else "svi"  # candidates tell apart
+    bar = track(range(first, cfg.steps + 1), desc, total=cfg.steps, initial=first - 1,
+                enabled=progress and distributed.is_main())
+    watched = distributed.is_main() and (history_path is not None or tensorboard_dir is not None)
+    history = History(history_path, first, tensorboard_dir) if watched else None
+    with _StopRequest() as stop, history or contextlib.nullcontext():
         for step in bar:
             guide.train()
             idx = distributed.shard(sampler.next()).to(images.device)
@@ -268,13 +296,13 @@ def fit_svi(
             # mean over equal micro-batches is the whole batch's ELBO; backward per micro-batch
             # frees its graph (the per-sample composed weights) before the next one
             parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
-            loss, finite = None, True
+            loss, finite, grad_norm = None, True, math.nan
+            settings = {"num_data": len(images), "kl_weight": kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                        "temperature": cfg.train_temperature}
             for part in parts:
                 try:
                     extra = {} if classes is None else {"classes": classes[part]}
-                    part_loss = loss_fn(images[part], features[part], labels[part], num_data=len(images),
-                                        kl_weight=kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                                        temperature=cfg.train_temperature, **extra) / len(parts)
+                    part_loss = loss_fn(images[part], features[part], labels[part], **settings, **extra) / len(parts)
                 except ValueError as err:  # a distribution refused NaN/Inf parameters
                     if "invalid values" not in str(err):
                         raise
@@ -289,9 +317,14 @@ def fit_svi(
                 if len(parts) == 1:
                     loss.backward()
                 distributed.average_gradients(params)
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))  # the norm before clipping
+                finite = math.isfinite(grad_norm)
+            lrs = {"lr": opt.param_groups[0]["lr"],  # the rates this step used (before sched.step)
+                   "global_lr": None if global_group is None else opt.param_groups[global_group]["lr"]}
             if not finite:
                 if not cfg.skip_nonfinite:
+                    if history is not None:
+                        history.write(step, elbo=-float(loss.item()), grad_norm=grad_norm, **lrs)
                     raise NumericalError(
                         f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
                         "checkpoint is kept: lower --svi.lr, or pass --svi.skip_nonfinite true to skip such steps"
@@ -305,8 +338,17 @@ def fit_svi(
             if multi:
                 elbo = distributed.mean_scalar(elbo, features.device)
             result.elbo_trace.append(elbo)
+            row = {"elbo": elbo, "grad_norm": grad_norm, **lrs}
             if step % cfg.eval_every == 0 or step == cfg.steps:
+                if history is not None:  # an extra forward on the step's mini-batch, so on eval steps only
+                    # per micro-batch, as the loss (each is scaled to the whole data set: their mean is the batch's)
+                    splits = [elbo_split(model, image_only(guide), images[part], features[part], labels[part],
+                                         **settings, **({} if classes is None else {"classes": classes[part]}))
+                              for part in parts]
+                    row["log_likelihood"] = sum(s[1] for s in splits) / len(splits)
+                    row["kl"] = sum(s[2] for s in splits) / len(splits)
                 record = evaluate_checkpoint(model, guide, val, cfg, score, seed)
+                row.update({k: record.get(k) for k in ("val_nll", "val_accuracy", "val_score")})
                 result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None, **record})
                 bar.set_postfix(elbo=f"{elbo:.1f}", val=f"{record['val_score']:.3f}")
                 if record["val_score"] > result.best_score:
@@ -314,6 +356,8 @@ def fit_svi(
                     result.best_val_accuracy = record.get("val_accuracy", -1.0)
                     result.best_val_nll = record.get("val_nll", math.inf)
                     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+            if history is not None:
+                history.write(step, **row, kept_fraction=kept_fraction(guide))
             if multi and distributed.any_true(stop.signal is not None, features.device):
                 stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step
             if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal):

@@ -95,6 +95,22 @@ def _report_parser() -> ArgumentParser:
     return parser
 
 
+def _predict_parser() -> ArgumentParser:
+    parser = _parser("Apply a fitted run to new images: class probabilities, uncertainty and per-image composition (CSV).")
+    parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
+    parser.add_argument("--data", required=True,
+                        help="imagefolder:PATH (any folder of images, read recursively) or a data set spec (its --split)")
+    parser.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
+                        help="split of a data set spec (ignored for imagefolder:)")
+    parser.add_argument("--task", type=typing.Optional[str], default=None,
+                        help="task-addition runs: the task whose classes to predict")
+    parser.add_argument("--num_samples", type=typing.Optional[int], default=None,
+                        help="posterior draws (default: the run's eval_samples)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    _add_out(parser, "output CSV file", required=True)
+    return parser
+
+
 def _table_parser() -> ArgumentParser:
     parser = _parser("Results table (methods x tasks, average, normalized average) of run folders, Markdown and CSV.")
     parser.add_argument("run_dirs", nargs="+", help="folders written by `vtvc fit` (one protocol; seeds are averaged)")
@@ -105,11 +121,16 @@ def _table_parser() -> ArgumentParser:
 
 
 def _export_parser() -> ArgumentParser:
-    parser = _parser("Export a run's posterior-mean composition as open_clip weights (.safetensors).")
+    parser = _parser("Export a run's posterior-mean composition as open_clip weights: a local-dir: folder "
+                     "(config, weights, model card) or one .safetensors file.")
     parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
-    _add_out(parser, "output .safetensors file", required=True)
+    _add_out(parser, "output folder for open_clip.create_model_and_transforms('local-dir:OUT'), "
+                     "or a .safetensors file (state dict only)", required=True)
     parser.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
                         help="split whose posterior mean is exported")
+    parser.add_argument("--evaluate", type=bool, default=True,
+                        help="folder export: score the exported model on the test split for the model card")
+    _add_quiet(parser)
     return parser
 
 
@@ -131,6 +152,11 @@ def _bank_import_parser() -> ArgumentParser:
     parser.add_argument("--finetuned", type=dict[str, str], default={}, help="more checkpoints, {NAME: PATH, ...}")
     parser.add_argument("--zeroshot", type=typing.Optional[str], default=None,
                         help="the zero-shot image encoder the vectors are relative to")
+    parser.add_argument("--hf_vision", type=list[str], default=[],
+                        help="Hugging Face CLIPVisionModel folders or cached hub ids, one per task (NAME=DIR_OR_ID to "
+                             "name one; safetensors only); repeat the flag or give a list")
+    parser.add_argument("--hf_base", type=typing.Optional[str], default=None,
+                        help="the Hugging Face CLIP (folder or cached hub id) the --hf_vision vectors are relative to")
     parser.add_argument("--tasks", type=typing.Optional[list[str]], default=None, help="import only these tasks")
     parser.add_argument("--trust_pickle", action="store_true",
                         help="allow reading pickled checkpoints (runs code from the file: only for sources you trust)")
@@ -206,7 +232,7 @@ def _bench_addition_parser() -> ArgumentParser:
 
 COMMANDS = {
     "fit": _fit_parser, "ablate": _ablate_parser, "negate": _negate_parser, "report": _report_parser,
-    "export": _export_parser, "table": _table_parser,
+    "export": _export_parser, "table": _table_parser, "predict": _predict_parser,
     "bank": {"build": _bank_build_parser, "import": _bank_import_parser, "truncate": _bank_truncate_parser,
              "finetune": _bank_finetune_parser, "pretrain": _bank_pretrain_parser},
     "data": {"check": _data_check_parser},
@@ -262,7 +288,7 @@ def _selected(ns: Namespace) -> tuple[list[str], Namespace]:
         table, key = table[name], f"{name}_command"
 
 
-REPEATABLE = ("--sweep",)
+REPEATABLE = ("--sweep", "--hf_vision")
 """List flags that may be given once per item (``--sweep a=1,2 --sweep b=3``) as well as as a YAML list."""
 
 

@@ -106,6 +106,20 @@ def report(opts, build: Callable) -> None:
         print(f"wrote {opts.run_dir}/{fig}")
 
 
+def predict(opts, build: Callable) -> None:
+    from ..protocols.predict import Predictor
+
+    out = Path(opts.out)
+    _refuse_existing(out, opts.overwrite)
+    result = Predictor.from_run(opts.run_dir, task=opts.task, device=opts.device).predict(
+        opts.data, num_samples=opts.num_samples, split=opts.split)
+    result.to_csv(out)
+    wrong = "" if result.labels is None else \
+        f", accuracy {float((result.probs.argmax(-1) == result.labels).float().mean()):.4f}"
+    print(f"wrote {out}: {len(result.names)} images, mean entropy {float(result.entropy.mean()):.3f} nats, "
+          f"mean mutual information {float(result.mutual_information.mean()):.3f}{wrong}")
+
+
 def table(opts, build: Callable) -> None:
     from ..io import atomic_write
     from ..tables import results_table, to_csv, to_markdown
@@ -121,11 +135,18 @@ def table(opts, build: Callable) -> None:
 
 
 def export(opts, build: Callable) -> None:
-    from ..protocols.export import export_run
+    from ..protocols.export import command_line, export_run
 
-    _refuse_existing(Path(opts.out), opts.overwrite)
-    info = export_run(opts.run_dir, opts.out, split=opts.split)
-    print(f"wrote {info['path']}: load with open_clip.create_model({info['arch']!r}, pretrained={info['path']!r})")
+    if Path(opts.out).suffix == ".safetensors":
+        _refuse_existing(Path(opts.out), opts.overwrite)  # a folder: export_run refuses a non-empty one
+    info = export_run(opts.run_dir, opts.out, split=opts.split, overwrite=opts.overwrite, command=command_line(),
+                      evaluate=opts.evaluate, progress=not opts.quiet)
+    if info["folder"]:
+        print(f"wrote {info['path']}/: load with open_clip.create_model_and_transforms('local-dir:{info['path']}')")
+        if info["exported"]:
+            print(f"  exported model test accuracy {info['exported']['accuracy']:.4f} (one shared λ̄)")
+    else:
+        print(f"wrote {info['path']}: load with open_clip.create_model({info['arch']!r}, pretrained={info['path']!r})")
     for t, name in enumerate(info["tasks"]):
         print(f"  {name:12s} mean λ̄ = {float(info['lam'][t].mean()):+.4f}")
 
@@ -148,6 +169,15 @@ def bank_import(opts, build: Callable) -> None:
     from ..bank.store import discover_checkpoints, import_bank, load_bank
 
     finetuned, zeroshot = {}, opts.zeroshot
+    if opts.hf_vision:
+        from ..bank.hf import task_names
+
+        if opts.checkpoints or opts.finetuned or opts.zeroshot:
+            raise ConfigError("--hf_vision imports Hugging Face folders only: pass --checkpoints/--finetuned/--zeroshot "
+                              "in a separate import")
+        finetuned = task_names(opts.hf_vision, opts.hf_base)
+    elif opts.hf_base:
+        raise ConfigError("--hf_base needs --hf_vision [DIR_OR_ID,...]: the fine-tuned Hugging Face checkpoints")
     if opts.checkpoints:
         found_zs, finetuned = discover_checkpoints(opts.checkpoints)
         zeroshot = zeroshot or found_zs
@@ -157,8 +187,14 @@ def bank_import(opts, build: Callable) -> None:
         if unknown:
             raise ConfigError(f"--tasks {unknown[0]} has no checkpoint; found {sorted(finetuned)}")
         finetuned = {k: v for k, v in finetuned.items() if k in opts.tasks}
-    out = import_bank(Path(opts.out), opts.arch, opts.base, finetuned, zeroshot, trust_pickle=opts.trust_pickle,
-                      dtype=opts.dtype, overwrite=opts.overwrite, progress=not opts.quiet)
+    if opts.hf_vision:
+        from ..bank.hf import import_hf_bank
+
+        out = import_hf_bank(Path(opts.out), opts.arch, finetuned, opts.hf_base, opts.base, dtype=opts.dtype,
+                             overwrite=opts.overwrite, progress=not opts.quiet)
+    else:
+        out = import_bank(Path(opts.out), opts.arch, opts.base, finetuned, zeroshot, trust_pickle=opts.trust_pickle,
+                          dtype=opts.dtype, overwrite=opts.overwrite, progress=not opts.quiet)
     bank = load_bank(out)  # re-read: every vector is checked against the base
     print(f"bank: {out}  (arch {bank.arch}, base {bank.manifest['base_fingerprint']}, "
           f"{len(bank.vectors.blocks)} blocks, storage {opts.dtype})")
@@ -286,7 +322,7 @@ def bench_addition(opts, build: Callable) -> None:
 
 
 HANDLERS = {
-    ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export, ("table",): table,
+    ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export, ("table",): table, ("predict",): predict,
     ("bank", "build"): bank_build, ("bank", "import"): bank_import, ("bank", "truncate"): bank_truncate,
     ("bank", "finetune"): bank_finetune, ("bank", "pretrain"): bank_pretrain, ("data", "check"): data_check,
     ("bench", "composition"): bench_composition, ("bench", "memory"): bench_memory,

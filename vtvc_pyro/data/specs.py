@@ -54,17 +54,48 @@ def load_dataset(spec: str, seed: int = 0, image_size: int = suite.IMAGE_SIZE, p
                     "or benchmark:NAME[@ROOT]")
 
 
-def _imagefolder(root: Path, image_size: int) -> TaskData:
-    from torchvision import datasets, transforms
+def suite_transform(image_size: int = suite.IMAGE_SIZE):
+    """The embedded suite's image transform: resize, centre crop, 3 channels in [-1, 1] (PIL image -> ``[3, H, W]``)."""
+    from torchvision import transforms
 
-    if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise DataError(f"imagefolder root {root} needs train/<class>/ and test/<class>/ subfolders of images")
-    tf = transforms.Compose([
+    return transforms.Compose([
         transforms.Resize(image_size),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Lambda(lambda x: suite.normalize(x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3])),
     ])
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def load_image_files(root: str | Path, transform) -> tuple[torch.Tensor, list[str]]:
+    """Every image under ``root`` (recursively, sorted by path) through ``transform``:
+    ``(images [N, 3, H, W], paths relative to root)``. No labels: for prediction on new images."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: pass a folder of images (imagefolder:PATH)")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}): put image files there")
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                images.append(transform(img.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot read {path} as an image ({err}): remove it or replace it") from err
+    return torch.stack(images), [str(p.relative_to(root)) for p in files]
+
+
+def _imagefolder(root: Path, image_size: int) -> TaskData:
+    from torchvision import datasets
+
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"imagefolder root {root} needs train/<class>/ and test/<class>/ subfolders of images")
+    tf = suite_transform(image_size)
     splits, classes = {}, None
     for split in ("train", "val", "test"):
         if not (root / split).is_dir():

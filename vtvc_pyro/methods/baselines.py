@@ -90,7 +90,7 @@ def _averaging(inp: BaselineInputs):
 
 def _task_arithmetic(inp: BaselineInputs):
     c = inp.composer("task")
-    lam, info = task_arithmetic(c, inp.head, inp.val)
+    lam, info = task_arithmetic(c, inp.head, inp.val, progress=inp.progress)
     return c, lam, info
 
 
@@ -99,7 +99,8 @@ def _ties(inp: BaselineInputs):
     best = None
     for density in TIES_DENSITIES:  # density and λ chosen together by val NLL
         c = inp.composer("task", single_vector_bank(dense, ties_merge(dense, density), "ties"))
-        lam, info = choose_on_val(c, inp.head, inp.val, torch.linspace(0, 2, 21))
+        lam, info = choose_on_val(c, inp.head, inp.val, torch.linspace(0, 2, 21), progress=inp.progress,
+                                  desc=f"ties density {density:g} λ")
         score = info["valnll_by_lambda"][info["lambda"]]
         if best is None or score < best[0]:
             best = (score, c, lam, {**info, "density": density})
@@ -158,6 +159,8 @@ def run_baseline(name: str, inputs: BaselineInputs) -> tuple[dict[str, torch.Ten
     composer, lam, info = BASELINES[name](inputs)
     if composer is None:
         return None, info
-    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam, classes=split_classes(inputs.val)),
-             "test": predict_shared(composer, inputs.head, inputs.test_images, lam, classes=inputs.test_classes)}
+    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam, classes=split_classes(inputs.val),
+                                   progress=inputs.progress, desc=f"{name} val"),
+             "test": predict_shared(composer, inputs.head, inputs.test_images, lam, classes=inputs.test_classes,
+                                    progress=inputs.progress, desc=f"{name} test")}
     return probs, info

@@ -11,10 +11,10 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..compose.engine import Composer
 from ..data.batches import minibatch_indices
+from ..progress import track
 from .merges import accuracy, class_logits, nll, predict_shared, split_classes
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def learn_shared_coefficients(
     best = _val_record(composer, head, val, lam.detach(), 0)
     best_lam, history = lam.detach().clone(), [best]
     classes = split_classes(train)
-    for step, idx in enumerate(tqdm(minibatch_indices(len(train[0]), batch_size, steps, seed), total=steps,
-                                    desc=f"atlas lr {lr:g}", disable=not progress, leave=False), 1):
+    for step, idx in enumerate(track(minibatch_indices(len(train[0]), batch_size, steps, seed), f"atlas lr {lr:g}",
+                                     total=steps, enabled=progress, leave=False), 1):
         x, y = train[0][idx].to(device), train[1][idx].to(device)
         mask = None if classes is None else classes[idx].to(device)
         loss = F.cross_entropy(class_logits(composer.shared(x, lam), head, mask), y)
@@ -109,8 +109,8 @@ def adamerging(
     lam = torch.full((composer.num_tasks, composer.num_groups), init, device=device, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
     history = []
-    for step, idx in enumerate(tqdm(minibatch_indices(len(unlabeled), batch_size, steps, seed), total=steps,
-                                    desc=f"adamerging lr {lr:g}", disable=not progress, leave=False), 1):
+    for step, idx in enumerate(track(minibatch_indices(len(unlabeled), batch_size, steps, seed),
+                                     f"adamerging lr {lr:g}", total=steps, enabled=progress, leave=False), 1):
         mask = None if classes is None else classes[idx].to(device)
         logits = class_logits(composer.shared(unlabeled[idx].to(device), lam), head, mask)
         entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean()

@@ -14,6 +14,7 @@ from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
 from ..compose.heads import class_logits
 from ..errors import ConfigError
+from ..progress import track
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,14 @@ __all__ = ["class_logits", "predict_shared", "accuracy", "nll", "zero_coefficien
 
 @torch.no_grad()
 def predict_shared(composer: Composer, head: torch.Tensor, images: torch.Tensor, lam: torch.Tensor,
-                   batch_size: int = 512, classes: torch.Tensor | None = None) -> torch.Tensor:
+                   batch_size: int = 512, classes: torch.Tensor | None = None, progress: bool = False,
+                   desc: str = "predict") -> torch.Tensor:
     """Class probabilities ``[N, C]`` of the tower composed with shared ``lam [T, G]``
-    (``classes [N, C]`` bool: each image's class set, as in task addition; ``None``: all)."""
+    (``classes [N, C]`` bool: each image's class set, as in task addition; ``None``: all).
+    ``progress``: show the batches (:func:`~vtvc_pyro.progress.track`, named ``desc``)."""
     out = [torch.softmax(class_logits(composer.shared(images[i : i + batch_size], lam), head,
                                       None if classes is None else classes[i : i + batch_size]), -1)
-           for i in range(0, len(images), batch_size)]
+           for i in track(range(0, len(images), batch_size), desc, enabled=progress, leave=False)]
     return torch.cat(out)
 
 
@@ -57,15 +60,16 @@ def average_coefficients(composer: Composer, device) -> torch.Tensor:
 
 
 def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple, grid: torch.Tensor,
-                  direction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  direction: torch.Tensor | None = None, progress: bool = False,
+                  desc: str = "λ grid") -> tuple[torch.Tensor, dict]:
     """The ``value · direction`` with the lowest val NLL over ``grid`` (direction: all ones ``[T, G]`` by default).
 
     ``val``: ``(images, labels[, classes])``. Returns ``lam [T, G]`` and the val NLL and accuracy per
-    grid value (ties: the first in grid order).
+    grid value (ties: the first in grid order). ``progress``: show the grid (named ``desc``).
     """
     direction = torch.ones(composer.num_tasks, composer.num_groups, device=head.device) if direction is None else direction
     probs = {round(v, 4): predict_shared(composer, head, val[0], v * direction, classes=split_classes(val))
-             for v in grid.tolist()}
+             for v in track(grid.tolist(), desc, enabled=progress)}
     nlls = {v: nll(p, val[1]) for v, p in probs.items()}
     best = min(nlls, key=nlls.get)
     return best * direction, {"valnll_by_lambda": nlls,
@@ -73,12 +77,13 @@ def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple, grid: torc
 
 
 def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple,
-                    grid: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    grid: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """One λ for the sum of all task vectors, chosen on val from ``grid`` (default 0, 0.05, ..., 1).
 
     ``composer`` must have ``task`` granularity. Returns ``lam [T, 1]`` and the val scores per λ.
     """
-    return choose_on_val(composer, head, val, torch.linspace(0, 1, 21) if grid is None else grid)
+    return choose_on_val(composer, head, val, torch.linspace(0, 1, 21) if grid is None else grid,
+                         progress=progress, desc="task arithmetic λ")
 
 
 def ties_merge(bank: TaskVectorBank, density: float = 0.2) -> dict[str, torch.Tensor]:

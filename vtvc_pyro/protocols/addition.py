@@ -35,7 +35,7 @@ from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
 from ..data.benchmarks import clip_preprocess, concat_images
 from ..data.specs import load_dataset, with_validation
 from ..data.suite import TaskData
-from ..diagnostics import save_inference_data, to_inference_data
+from ..diagnostics import save_inference_data
 from ..errors import ConfigError
 from ..evaluate import classification_metrics
 from ..io import resolve_device, save_safetensors, write_json
@@ -47,6 +47,7 @@ from .transfer import (
     device_description,
     environment,
     fit_and_predict,
+    posterior_data,
     prepare_output,
     run_baselines,
     run_router,
@@ -87,13 +88,10 @@ def addition_specs(cfg: FitConfig, bank_tasks: list[str]) -> list[str]:
     return list(bank_tasks)
 
 
-def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> tuple[Target, list[TaskData], TaskHeads]:
-    """Every task's data, head and vector as one :class:`~vtvc_pyro.protocols.transfer.Target`.
-
-    ``target.data[split]`` is ``(images [N, 3, H, W], features [N, D], labels [N] (columns of the
-    stacked heads), classes [N, C] bool)`` over the union of the tasks in order;
-    ``target.data["task_index"][split]`` holds each image's task ``[N]``.
-    """
+def select_addition(cfg: FitConfig, device: torch.device, progress: bool = False):
+    """The bank with every task's vector (in ``cfg.tasks`` order), the tasks' data sets and heads,
+    and their specs: ``(bank, datasets, heads, specs, data_seed)``. Reads files only (builds the
+    embedded bank when it is missing); no base features are computed."""
     if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
     full = load_bank(cfg.bank, dtype=None, stream=True)
@@ -112,12 +110,25 @@ def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) 
         bank_vectors = truncate_bank(bank_vectors, rank=cfg.low_rank)
     bank = LoadedBank(full.path, full.manifest, full.model.to(device), bank_vectors.to(device), full.heads)
     heads = TaskHeads(vectors, [bank.head_for(t).to(device) for t in tasks])
+    return bank, tasks, heads, specs, data_seed
+
+
+def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> tuple[Target, list[TaskData], TaskHeads]:
+    """Every task's data, head and vector as one :class:`~vtvc_pyro.protocols.transfer.Target`.
+
+    ``target.data[split]`` is ``(images [N, 3, H, W], features [N, D], labels [N] (columns of the
+    stacked heads), classes [N, C] bool)`` over the union of the tasks in order;
+    ``target.data["task_index"][split]`` holds each image's task ``[N]``.
+    """
+    bank, tasks, heads, specs, data_seed = select_addition(cfg, device, progress)
+    vectors = heads.names
     data, task_index = {}, {}
     for split in SPLITS:
         parts = [t.split(split) for t in tasks]
         index = torch.cat([torch.full((len(y),), i, dtype=torch.long) for i, (_, y) in enumerate(parts)]).to(device)
         labels = heads.global_labels(index, torch.cat([y for _, y in parts]).to(device))
-        features = torch.cat([bank.features(t, split, spec) for t, spec in zip(tasks, specs)]).to(device)
+        features = torch.cat([bank.features(t, split, spec, progress=progress)
+                              for t, spec in zip(tasks, specs)]).to(device)
         images = concat_images([x.to(device) for x, _ in parts])
         data[split] = (images, features, labels, heads.classes_for(index))
         task_index[split] = index
@@ -253,7 +264,8 @@ def run_addition(cfg: FitConfig, out: Path, overwrite: bool = False, resume: boo
     svi_start = time.time()
     fit, guide, composer, vtvc_methods, draws, val_nll_by_k = fit_and_predict(cfg, target, out, resume, progress)
     methods.update(vtvc_methods)
-    probs_s, lam_s, gate_s = draws
+    local = draws[1]
+    lam_s, gate_s = local["lam"], local["inclusion"]
     routing["vtvc"] = routing_diagnostics(lam_s, gate_s, index, target.tasks)
     metrics = {
         "protocol": "addition",
@@ -278,12 +290,8 @@ def run_addition(cfg: FitConfig, out: Path, overwrite: bool = False, resume: boo
     save_safetensors({**{name: p["test"].float() for name, p in methods.items()}, "labels": test_labels,
                       "task_index": index}, out / "predictions.safetensors")
     rows = stratified_rows(index, cfg.posterior_samples)
-    idata = to_inference_data(
-        lam_s[:, rows], gate_s[:, rows], probs_s[:, rows], test_labels[rows], target.tasks, composer.group_labels,
-        target.task.class_names, fit.elbo_trace, sample_index=rows,
-        attrs={"target": "addition", "protocol": "addition", "model": cfg.model, "prior": cfg.prior,
-               "guide": cfg.guide, "granularity": cfg.granularity},
-    )
+    idata = posterior_data(cfg, draws, rows, test_labels, target.tasks, composer, target.task.class_names, fit,
+                           image_task=index)
     save_inference_data(idata, out / "posterior.nc")
     return metrics
 

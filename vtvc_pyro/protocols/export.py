@@ -1,14 +1,21 @@
-"""Export a composed model as an open_clip state dict that ``open_clip.create_model`` loads.
+"""Export a composed model as open_clip weights: a ``local-dir:`` folder, or one state-dict file.
 
 A composed model is the base CLIP with its image tower replaced by θ0 + Σ_t λ_{t,g(b)} τ_{t,b}
 for one batch-shared ``λ [T, G]``: learned shared coefficients (aTLAS-style, task arithmetic), or
 the posterior mean of a fitted VTVC guide over a data set, λ̄ = mean_i E_q[λ_i]. The text tower and
-logit scale are kept, so the file is a complete CLIP usable for zero-shot classification.
+logit scale are kept, so the export is a complete CLIP usable for zero-shot classification.
+
+A folder holds ``open_clip_config.json`` (the whole model config and the preprocess config),
+``open_clip_model.safetensors`` and a ``README.md`` model card, so a process that never imports
+``vtvc_pyro`` loads it with open_clip alone.
 
 Usage::
 
     export_composed("composed.safetensors", bank.model, bank.vectors, lam, "block")
     model = open_clip.create_model("ViT-B-32-quickgelu", pretrained="composed.safetensors")
+
+    export_folder("composed", bank.model, bank.vectors, lam, "block")
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:composed")
 """
 
 from __future__ import annotations
@@ -16,25 +23,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shlex
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
+import open_clip
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..bank.store import LoadedBank, load_bank
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
 from ..config import FitConfig, SVIConfig
-from ..data.benchmarks import clip_preprocess
-from ..data.specs import load_dataset, with_validation
 from ..errors import ConfigError
-from ..io import save_safetensors
+from ..evaluate import classification_metrics
+from ..io import atomic_write, save_safetensors, write_json
+from ..methods.merges import predict_shared
 from .transfer import build_vtvc, read_run_config
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vtvc-composed-open-clip/1"
+WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir loader prefers
+CONFIG_FILE = "open_clip_config.json"
+CARD_FILE = "README.md"
 
 
 def composed_state_dict(model: torch.nn.Module, bank: TaskVectorBank, lam: torch.Tensor,
@@ -77,6 +92,172 @@ def export_composed(path: str | Path, model: torch.nn.Module, bank: TaskVectorBa
     return path
 
 
+def open_clip_config(model: torch.nn.Module, arch: str) -> dict:
+    """``{"model_cfg", "preprocess_cfg"}`` as open_clip's ``local-dir:`` loader reads them.
+
+    ``model_cfg`` is the architecture's whole config (custom ones such as ``vtvc-tiny`` included), so
+    a process where it is not registered builds it; ``preprocess_cfg`` is the model's own transform.
+    """
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ConfigError(f"open_clip has no config for architecture {arch!r}: export to a .safetensors file "
+                          "instead and load it with that architecture's config")
+    preprocess = dict(getattr(model.visual, "preprocess_cfg", None) or {})
+    return json.loads(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}))  # tuples -> lists
+
+
+def check_folder(out: Path, overwrite: bool = False) -> bool:
+    """Whether ``out`` is a non-empty folder (allowed only with ``overwrite``).
+
+    Raises:
+        ConfigError: ``out`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder: pass a new folder to --out (or a .safetensors file)")
+    occupied = out.is_dir() and any(out.iterdir())
+    if occupied and not overwrite:
+        raise ConfigError(f"{out} is a non-empty folder: pass another --out, or --overwrite to replace the export in it")
+    return occupied
+
+
+def export_folder(out: str | Path, model: torch.nn.Module, bank: TaskVectorBank, lam: torch.Tensor,
+                  granularity: str = "block", card: str = "", metadata: dict | None = None,
+                  provenance: dict | None = None, overwrite: bool = False) -> Path:
+    """Write an open_clip ``local-dir:`` folder: config, composed weights and the model card ``card``.
+
+    The files are written into a temporary folder beside ``out``, which is then renamed to ``out``
+    (a missing or empty ``out`` only). A non-empty ``out`` is refused unless ``overwrite``, which
+    replaces the three files in it one by one (atomically each) and leaves any other file alone.
+
+    Raises:
+        ConfigError: ``out`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    out = Path(out)
+    occupied = check_folder(out, overwrite)
+    config = {**open_clip_config(model, bank.arch), "vtvc": provenance or {}}
+
+    def write_into(folder: Path) -> None:
+        export_composed(folder / WEIGHTS_FILE, model, bank, lam, granularity, metadata)
+        write_json(folder / CONFIG_FILE, config)
+        atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(card, encoding="utf-8"))
+
+    if occupied:
+        write_into(out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            write_into(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private
+            os.replace(tmp, out)  # replaces an empty folder too
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("wrote open_clip folder %s", out)
+    return out
+
+
+# ---------------------------------------------------------------- the model card
+def command_line(argv: list[str] | None = None) -> str:
+    """``sys.argv`` as a command to paste into a shell (``python`` before a script path)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head = argv[0]
+    if head.endswith("__main__.py"):
+        prefix = ["python", "-m", Path(head).parent.name]
+    elif head.endswith(".py"):
+        prefix = ["python", head]
+    else:
+        prefix = [Path(head).name]
+    return shlex.join(prefix + argv[1:])
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{float(value):.4f}"
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """Markdown lines: the run's test accuracies per method, from either ``metrics.json`` layout.
+
+    Transfer runs hold ``methods[m]["accuracy"]`` (and ``interval95``); addition runs hold
+    ``methods[m]["average"]``, ``["per_task"]`` and ``["normalized_average"]``.
+    """
+    methods = metrics.get("methods") or {}
+    order = [m for m in ("vtvc", "vtvc_mean") if m in methods] + [m for m in methods if m not in ("vtvc", "vtvc_mean")]
+    addition = metrics.get("protocol") == "addition" or any("average" in m for m in methods.values())
+    if addition:
+        tasks = list(metrics.get("tasks") or next((list(m["per_task"]) for m in methods.values() if "per_task" in m), []))
+        lines = ["| method | average accuracy | normalized average | " + " | ".join(tasks) + " |",
+                 "|---|---:|---:|" + "---:|" * len(tasks)]
+        for name in order:
+            m = methods[name]
+            per_task = m.get("per_task", {})
+            cells = [_fmt((m.get("average") or {}).get("accuracy")), _fmt(m.get("normalized_average"))]
+            cells += [_fmt(per_task.get(t, {}).get("accuracy")) for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return lines
+    lines = ["| method | test accuracy | 95 % interval | NLL | ECE |", "|---|---:|---|---:|---:|"]
+    for name in order:
+        m = methods[name]
+        low_high = (m.get("interval95") or {}).get("accuracy")
+        interval = f"[{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else "–"
+        lines.append(f"| {name} | {_fmt(m.get('accuracy'))} | {interval} | {_fmt(m.get('nll'))} | {_fmt(m.get('ece'))} |")
+    return lines
+
+
+def model_card(info: dict) -> str:
+    """The ``README.md`` of an exported folder (Markdown with a Hugging Face metadata header).
+
+    ``info``: ``arch``, ``base_fingerprint``, ``bank``, ``tasks``, ``lam [T, G]``, ``granularity``,
+    ``source`` (how λ̄ was chosen), ``command``; optional ``run``, ``target``, ``protocol``,
+    ``metrics`` (the run's metrics.json) and ``exported`` (the exported model's own test metrics).
+    """
+    lam = torch.as_tensor(info["lam"]).float()
+    arch, tasks = info["arch"], list(info["tasks"])
+    lines = ["---", "library_name: open_clip", "tags:", "- clip", "- task-vectors", "- vtvc", "---", "",
+             f"# {arch} composed from {len(tasks)} task vectors (VTVC)", "",
+             "An open_clip CLIP whose image tower is θ0 + Σ_t λ̄_t τ_t: the base model plus a fixed, shared "
+             "composition of task vectors. The text tower and logit scale are the base model's.", "",
+             "## Base", "",
+             f"- architecture: `{arch}` (its whole config is in `{CONFIG_FILE}`)",
+             f"- base fingerprint: `{info['base_fingerprint']}`"]
+    if info.get("bank"):
+        lines.append(f"- task-vector bank: `{info['bank']}`")
+    lines += ["", "## Composition", "",
+              f"Tasks composed: {', '.join(f'`{t}`' for t in tasks)}. Coefficients per {info['granularity']} "
+              f"({lam.shape[1]} per task).", "",
+              f"How λ̄ was chosen: {info['source']}.", "",
+              "| task | mean λ̄ over blocks | min | max |", "|---|---:|---:|---:|"]
+    for t, name in enumerate(tasks):
+        row = lam[t]
+        lines.append(f"| {name} | {float(row.mean()):+.4f} | {float(row.min()):+.4f} | {float(row.max()):+.4f} |")
+    lines += ["", "The full λ̄ is in the weights file's metadata (`lam`, JSON `[T, G]`).", "", "## Metrics", ""]
+    if info.get("exported"):
+        e = info["exported"]
+        lines += [f"This exported model (one shared λ̄ for every image) on {e['where']}: accuracy "
+                  f"{_fmt(e['accuracy'])}" + (f", NLL {_fmt(e['nll'])}" if e.get("nll") is not None else "") + ".", ""]
+    if info.get("metrics"):
+        target = info.get("target") or info["metrics"].get("target")
+        run = f" `{info['run']}`" if info.get("run") else ""
+        protocol = info.get("protocol") or info["metrics"].get("protocol", "transfer")
+        protocol += f", target `{target}`" if target else ""
+        lines += [f"The run{run} ({protocol}) on the "
+                  "test split. `vtvc` averages predictions over posterior draws of per-image λ and `vtvc_mean` uses "
+                  "each image's posterior mean; neither is this export, which uses one λ̄ for all images.", ""]
+        lines += metrics_table(info["metrics"])
+        lines.append("")
+    else:
+        lines += ["No run metrics were recorded with this export.", ""]
+    lines += ["## Use", "", "```python", "import open_clip", "",
+              'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/THIS/FOLDER")',
+              'tokenizer = open_clip.get_tokenizer("local-dir:PATH/TO/THIS/FOLDER")', "```", "",
+              "## Reproduce", "", "Exported with:", "", "```bash", info.get("command") or "(no command recorded)",
+              "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- from a fitted run
 @torch.no_grad()
 def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """λ̄ = mean over a data set of the gated posterior means E_q[λ_i]: ``features [N, D]`` -> ``[T, G]``."""
@@ -90,6 +271,15 @@ def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, 
     return total / len(features)
 
 
+def fit_config_of(fit: dict) -> FitConfig:
+    """The :class:`FitConfig` of a run's recorded settings (keys a newer or older version wrote are dropped)."""
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
+    settings = {k: v for k, v in fit.items() if k in known}
+    settings.setdefault("model", "flat")  # runs written before the hierarchical model existed
+    return FitConfig(**{**settings, "svi": SVIConfig(**{k: v for k, v in fit.get("svi", {}).items() if k in svi_known})})
+
+
 def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Tensor, feature_dim: int) -> torch.nn.Module:
     """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``) on ``composer``."""
     run_dir = Path(run_dir)
@@ -99,34 +289,93 @@ def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Ten
     fit, _ = read_run_config(run_dir)
     with safe_open(str(guide_path), "pt") as f:
         components = int((f.metadata() or {}).get("components", 1))  # the number the fit chose on val
-    known = {f.name for f in dataclasses.fields(FitConfig)}
-    svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
-    settings = {k: v for k, v in fit.items() if k in known}
-    settings.setdefault("model", "flat")  # runs written before the hierarchical model existed
-    cfg = FitConfig(**{**settings, "svi": SVIConfig(**{k: v for k, v in fit.get("svi", {}).items() if k in svi_known})})
-    _, guide = build_vtvc(cfg, composer, head, feature_dim, components)
+    _, guide = build_vtvc(fit_config_of(fit), composer, head, feature_dim, components)
     guide.load_state_dict(load_file(str(guide_path)))
     return guide.eval()
 
 
-def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progress: bool = False) -> dict:
-    """Export a fitted run's posterior mean over ``split`` of its target as an open_clip state dict.
+def _exported_metrics(composer: Composer, target, lam: torch.Tensor, heads=None, progress: bool = False) -> dict:
+    """The exported model's own test metrics: one shared ``lam`` for every test image (addition: the
+    average over tasks, each image scored on its own task's classes)."""
+    images, _, labels, *rest = target.data["test"]
+    classes = rest[0] if rest else None
+    probs = predict_shared(composer, target.head, images, lam, classes=classes, progress=progress,
+                           desc="exported model test")
+    if heads is None:
+        return {**classification_metrics(probs, labels), "where": f"the target's test split ({len(labels)} images)"}
+    from .addition import per_task_metrics
+
+    per_task = per_task_metrics(probs, labels, target.data["task_index"]["test"], heads)
+    average = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in next(iter(per_task.values()))}
+    return {**average, "per_task": per_task,
+            "where": f"the test splits of its {len(per_task)} tasks (average over tasks, {len(labels)} images)"}
+
+
+def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progress: bool = False,
+               overwrite: bool = False, command: str | None = None, evaluate: bool = True) -> dict:
+    """Export a fitted run's posterior mean over ``split`` as open_clip weights.
+
+    ``out`` ending in ``.safetensors`` is one state-dict file (the caller checks it is free); any
+    other ``out`` is an open_clip ``local-dir:`` folder with a model card (:func:`export_folder`).
+    Transfer runs average over the target's ``split``; addition runs over the union of their tasks'.
+
+    Args:
+        command: the command line recorded in the model card (default: ``sys.argv``).
+        evaluate: also score the exported model (one shared λ̄) on the test split, for the card.
 
     Returns:
-        ``{"path", "arch", "tasks", "lam"}``.
+        ``{"path", "arch", "tasks", "lam", "folder", "exported"}``.
     """
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
+    folder = out.suffix != ".safetensors"
+    if folder:
+        check_folder(out, overwrite)  # before the work, not after
     fit, record = read_run_config(run_dir)
-    tasks = record["tasks"]
-    full = load_bank(fit["bank"])
-    seed = record.get("data_seed", 0)
-    task = with_validation(load_dataset(fit["target"], seed, preprocess=clip_preprocess(full.model)), seed)
-    bank = LoadedBank(full.path, full.manifest, full.model, full.vectors.select(tasks), full.heads)
-    features = bank.features(task, split, fit["target"])
-    composer = Composer(bank.model.visual, bank.vectors, fit["granularity"])
-    guide = load_guide_from_run(run_dir, composer, bank.head_for(task), features.shape[1])
+    if not (run_dir / "guide.safetensors").is_file():
+        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run `vtvc fit` first")
+    cfg = fit_config_of(fit)
+    cfg.device = "cpu"
+    heads = None
+    if cfg.protocol == "addition":
+        from .addition import load_addition
+
+        target, datasets, heads = load_addition(cfg, torch.device("cpu"), progress)
+        what = f"the {split} splits of {', '.join(t.name for t in datasets)}"
+    else:
+        from .transfer import load_target
+
+        target = load_target(cfg, torch.device("cpu"), progress)
+        what = f"{cfg.target} {split}"
+    if record.get("tasks") and list(record["tasks"]) != list(target.tasks):
+        raise ConfigError(f"{run_dir} composed {record['tasks']} but its bank now gives {target.tasks}: "
+                          "export with the bank the run was fitted on")
+    features = target.data[split][1]
+    bank = target.bank
+    composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
+    guide = load_guide_from_run(run_dir, composer, target.head, features.shape[1])
     lam = posterior_mean_coefficients(guide, features)
-    export_composed(out, bank.model, bank.vectors, lam, fit["granularity"],
-                    {"source": f"posterior mean over {fit['target']} {split} ({len(features)} images)",
-                     "run": str(run_dir)})
-    return {"path": str(out), "arch": bank.arch, "tasks": tasks, "lam": lam}
+    source = f"posterior mean over {what} ({len(features)} images)"
+    metadata = {"source": source, "run": str(run_dir)}
+    exported = None
+    if folder:
+        if evaluate:
+            exported = _exported_metrics(composer, target, lam, heads, progress)
+        metrics_path = run_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        card = model_card({
+            "arch": bank.arch, "base_fingerprint": bank.vectors.base_fingerprint, "bank": cfg.bank,
+            "tasks": target.tasks, "lam": lam, "granularity": cfg.granularity,
+            "source": (f"the mean over the images of {what} ({len(features)} images, labels unused) of each image's "
+                       "deterministic posterior coefficients under the fitted guide (gates kept where q(gate) keeps "
+                       "them, slabs at their means): λ̄ = mean_i E_q[λ_i]"),
+            "command": command if command is not None else command_line(), "run": str(run_dir),
+            "target": "addition" if heads is not None else cfg.target, "protocol": cfg.protocol,
+            "metrics": metrics, "exported": exported,
+        })
+        provenance = {"format": FORMAT, "base_fingerprint": bank.vectors.base_fingerprint, "tasks": target.tasks,
+                      "granularity": cfg.granularity, "source": source, "run": str(run_dir)}
+        export_folder(out, bank.model, bank.vectors, lam, cfg.granularity, card, metadata, provenance, overwrite)
+    else:
+        export_composed(out, bank.model, bank.vectors, lam, cfg.granularity, metadata)
+    return {"path": str(out), "arch": bank.arch, "tasks": target.tasks, "lam": lam, "folder": folder,
+            "exported": exported}

@@ -30,13 +30,13 @@ from ..bayes.guide import GUIDES
 from ..bayes.priors import make_prior
 from ..bayes.registry import make_vtvc
 from ..bayes.router import RouterFit, tuned_router
-from ..bayes.svi import fit_svi, mean_probs, sample_probs, unpack
+from ..bayes.svi import fit_svi, mean_probs, sample_draws, unpack
 from ..compose.engine import Composer
 from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
 from ..data.benchmarks import clip_preprocess
 from ..data.specs import load_dataset, with_validation
 from ..data.suite import TaskData
-from ..diagnostics import save_inference_data, to_inference_data
+from ..diagnostics import save_inference_data, site_events, to_inference_data
 from ..errors import ConfigError
 from ..evaluate import (
     apply_temperature,
@@ -51,6 +51,9 @@ from ..methods import baselines
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "pyro-ppl", "open_clip_torch", "arviz", "xarray", "numpy", "safetensors")
+
+WATCH_SETTINGS = ("logger",)
+"""Settings that change how a run is watched, not what it computes: ``--resume`` may change them."""
 
 
 def environment() -> dict:
@@ -106,7 +109,8 @@ def prepare_output(out: Path, cfg_dict: dict, overwrite: bool = False, resume: b
         if not (out / "checkpoint.safetensors").is_file() or not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no checkpoint of a run; start it without --resume")
         before, _ = read_run_config(out)
-        changed = sorted(k for k in set(before) | set(cfg_dict) if before.get(k) != cfg_dict.get(k))
+        changed = sorted(k for k in set(before) | set(cfg_dict)
+                         if k not in WATCH_SETTINGS and before.get(k) != cfg_dict.get(k))
         if changed:
             raise ConfigError(f"--resume: the run in {out} used other settings ({', '.join(changed)}); "
                               "resume with the same options")
@@ -168,7 +172,7 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
     target = select_target(cfg, device, progress)
     for split in ("train", "val", "test"):
         x, y = target.task.split(split)
-        features = target.bank.features(target.task, split, cfg.target)
+        features = target.bank.features(target.task, split, cfg.target, progress=progress)
         target.data[split] = (x.to(device), features.to(device), y.to(device))
     return target
 
@@ -273,8 +277,11 @@ def composition_diagnostics(guide, lam: torch.Tensor, gate: torch.Tensor, target
 
 
 def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components: int, checkpoint: Path,
-                  resume: bool, progress: bool):
-    """One SVI fit with ``components`` compositions; returns ``(model, guide, fit result)``."""
+                  resume: bool, progress: bool, history: Path | None = None, tensorboard: Path | None = None):
+    """One SVI fit with ``components`` compositions; returns ``(model, guide, fit result)``.
+
+    ``history``: its ``history.csv``; ``tensorboard``: its TensorBoard folder (see
+    :func:`~vtvc_pyro.bayes.svi.fit_svi`)."""
     data = target.data
     model, guide = build_vtvc(cfg, composer, target.head, data["test"][1].shape[1], components)
     model, guide = model.to(target.head.device), guide.to(target.head.device)
@@ -282,7 +289,7 @@ def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components
     if hasattr(guide, "initialize") and not resume:
         guide.initialize(data["train"][1], seed=cfg.seed)
     fit = fit_svi(model, guide, data["train"], data["val"], cfg.svi, checkpoint_path=checkpoint, resume=resume,
-                  progress=progress, seed=cfg.seed)
+                  progress=progress, seed=cfg.seed, history_path=history, tensorboard_dir=tensorboard)
     return model, guide, fit
 
 
@@ -301,15 +308,21 @@ def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, pro
     Returns:
         the fit result, the guide, the composer, ``methods`` (``vtvc``: the Monte Carlo predictive,
         ``vtvc_mean``: the deterministic gated mean, each ``{"val", "test"}``), the test draws
-        ``(probs [S, N, C], lam [S, N, T, G], gate [S, N, T, G])`` and ``{components: val NLL}``.
+        ``(probs [S, N, C], local, shared)`` of :func:`~vtvc_pyro.bayes.svi.sample_draws` and
+        ``{components: val NLL}``.
     """
     data = target.data
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     candidates = {}
     for i, k in enumerate(candidate_components(cfg)):
-        # the first candidate's state is the run's checkpoint.safetensors; the others' sit beside it
-        name = "checkpoint.safetensors" if i == 0 else f"checkpoint-k{k}.safetensors"
-        candidates[k] = fit_candidate(cfg, target, composer, k, out / name, resume, progress)
+        # the first candidate's state is the run's checkpoint.safetensors (its steps history.csv,
+        # tensorboard/); the others' sit beside them, named after K
+        suffix = "" if i == 0 else f"-k{k}"
+        tensorboard = None
+        if cfg.logger == "tensorboard":
+            tensorboard = out / "tensorboard" / ("" if i == 0 else f"k{k}")
+        candidates[k] = fit_candidate(cfg, target, composer, k, out / f"checkpoint{suffix}.safetensors", resume,
+                                      progress, out / f"history{suffix}.csv", tensorboard)
     chosen = min(candidates, key=lambda k: candidates[k][2].best_val_nll)
     model, guide, fit = candidates[chosen]
     save_safetensors(guide.state_dict(), out / "guide.safetensors",
@@ -317,12 +330,27 @@ def fit_and_predict(cfg: FitConfig, target: Target, out: Path, resume: bool, pro
     methods, draws = {"vtvc": {}, "vtvc_mean": {}}, None
     for split in ("val", "test"):
         x, f, _, classes = unpack(data[split])
-        probs_s, lam_s, gate_s = sample_probs(model, guide, x, f, cfg.eval_samples, cfg.svi.eval_temperature,
-                                              generator_seed=cfg.seed, classes=classes)
+        probs_s, local, shared = sample_draws(model, guide, x, f, cfg.eval_samples, cfg.svi.eval_temperature,
+                                              generator_seed=cfg.seed, classes=classes, progress=progress,
+                                              desc=f"predictive {split}")
         methods["vtvc"][split] = probs_s.mean(0)
         methods["vtvc_mean"][split] = mean_probs(model, guide, x, f, classes=classes)
-        draws = (probs_s, lam_s, gate_s)
+        draws = (probs_s, local, shared)
     return fit, guide, composer, methods, draws, {k: c[2].best_val_nll for k, c in candidates.items()}
+
+
+def posterior_data(cfg: FitConfig, draws: tuple, rows: torch.Tensor, labels: torch.Tensor, tasks: list[str],
+                   composer: Composer, class_names, fit, image_task: torch.Tensor | None = None):
+    """The InferenceData of ``posterior.nc``: the test draws of :func:`fit_and_predict` for ``rows``
+    of the test split (``labels [N_test]``; ``image_task [N_test]`` in task addition)."""
+    probs_s, local, shared = draws
+    return to_inference_data(
+        probs_s[:, rows], {k: v[:, rows] for k, v in local.items()}, shared, labels[rows], tasks,
+        composer.group_labels, class_names, fit.elbo_trace, site_events(make_prior(cfg.prior, **cfg.prior_args)),
+        image_index=rows, image_task=None if image_task is None else image_task[rows], seed=cfg.seed,
+        attrs={"target": cfg.target if cfg.protocol == "transfer" else "addition", "protocol": cfg.protocol,
+               "model": cfg.model, "prior": cfg.prior, "guide": cfg.guide, "granularity": cfg.granularity},
+    )
 
 
 def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
@@ -363,7 +391,8 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     methods, extra = run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress)
     svi_start = time.time()
     fit, guide, composer, vtvc_methods, draws, val_nll_by_k = fit_and_predict(cfg, target, out, resume, progress)
-    probs_s, lam_s, gate_s = draws
+    probs_s, local, _ = draws
+    lam_s, gate_s = local["lam"], local["inclusion"]
     methods.update(vtvc_methods)
     vtvc_seconds = time.time() - svi_start
 
@@ -388,12 +417,8 @@ def run_fit(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = F
     save_safetensors({**{name: p["test"].float() for name, p in methods.items()}, "labels": test_y},
                      out / "predictions.safetensors")
 
-    keep = min(cfg.posterior_samples, len(test_y))
-    idata = to_inference_data(
-        lam_s[:, :keep], gate_s[:, :keep], probs_s[:, :keep], test_y[:keep], tasks, composer.group_labels,
-        task.class_names, fit.elbo_trace, attrs={"target": cfg.target, "model": cfg.model, "prior": cfg.prior,
-                                                 "guide": cfg.guide, "granularity": cfg.granularity},
-    )
+    rows = torch.arange(min(cfg.posterior_samples, len(test_y)), device=test_y.device)
+    idata = posterior_data(cfg, draws, rows, test_y, tasks, composer, task.class_names, fit)
     save_inference_data(idata, out / "posterior.nc")
     return metrics
 
