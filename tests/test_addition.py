@@ -15,6 +15,7 @@ from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.compose.heads import TaskHeads, class_logits
 from vtvc_pyro.config import SVIConfig
+from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.protocols.addition import routing_diagnostics, score_addition
 from vtvc_pyro.protocols.transfer import Target
 from vtvc_pyro.tables import (
@@ -75,13 +76,15 @@ def test_svi_never_hands_the_guide_the_task(monkeypatch):
     seen = {"model": [], "guide": []}
     for name, module in (("model", model), ("guide", guide)):
         forward = module.forward
-        monkeypatch.setattr(module, "forward", lambda *a, _f=forward, _n=name, **k: (seen[_n].append(set(k)), _f(*a, **k))[1])
+        monkeypatch.setattr(module, "forward", lambda *a, _f=forward, _n=name, **k: (
+            seen[_n].append({*k, *(["labels"] if len(a) > 2 and a[2] is not None else [])}), _f(*a, **k))[1])
     index = torch.tensor([0, 1] * 4)
     split = (torch.randn(8, 3, 16, 16), torch.randn(8, 8), heads.global_labels(index, torch.zeros(8, dtype=torch.long)),
              heads.classes_for(index))
     fit_svi(model, guide, split, split, SVIConfig(steps=2, batch_size=4, eval_every=2, val_samples=1), progress=False)
     assert seen["model"] and all("classes" in k for k in seen["model"])
-    assert seen["guide"] and not any("classes" in k for k in seen["guide"])
+    assert seen["guide"] and not any("classes" in k or "labels" in k for k in seen["guide"])
+    assert all("labels" in k for k in seen["model"][:2])  # the training steps' model calls get the labels
 
 
 def test_scores_per_task_average_and_normalized_average_by_hand():
@@ -202,14 +205,25 @@ def test_published_numbers_name_a_source_for_every_row():
     assert to_csv(Table(["x"], [("m", "s", [(1.0, 0.0, 1)])])).splitlines()[1] == "m,s,1.0000,0.0000,1"
 
 
-@pytest.mark.parametrize("fit_split", ["train", "val"])
-def test_learning_splits_never_mix_train_and_val(fit_split):
+def test_learning_splits_never_mix_train_and_val():
+    """train: learn on train, select on val carved from it; val: refused where val would be carved
+    from the fine-tuning data, else learn on 90 % of the data set's own val and select on the rest."""
     from vtvc_pyro.data.specs import load_dataset
+    from vtvc_pyro.data.suite import TaskData
     from vtvc_pyro.protocols.addition import learning_splits
 
-    task = learning_splits(load_dataset("digits"), fit_split, 0)
-    full = load_dataset("digits").split("train")[0]
+    def flat(x):
+        return {tuple(r.flatten()[:40].tolist()) for r in x}
+
+    digits = load_dataset("digits")
+    task = learning_splits(digits, "train", 0)
     train, val = task.split("train")[0], task.split("val")[0]
-    assert len(train) + len(val) == (len(full) if fit_split == "train" else round(0.1 * len(full)))
-    flat = lambda x: {tuple(r.flatten()[:40].tolist()) for r in x}  # noqa: E731
-    assert not flat(train) & flat(val)
+    assert len(train) + len(val) == len(digits.split("train")[0]) and not flat(train) & flat(val)
+    with pytest.raises(ConfigError, match="own val split"):
+        learning_splits(digits, "val", 0)
+    own_val = TaskData("t", digits.class_names, (), {"train": digits.split("train"), "val": digits.split("test"),
+                                                     "test": digits.split("test")})
+    task = learning_splits(own_val, "val", 0)
+    train, val = task.split("train")[0], task.split("val")[0]
+    assert len(train) + len(val) == 200 and not flat(train) & flat(val)
+    assert flat(train) <= flat(digits.split("test")[0])  # nothing of the fine-tuning split

@@ -92,7 +92,10 @@ def to_inference_data(
         posterior[name] = arr(value.float())
         dims[name] = list(_dims(value, (), events.get(name, ()))[2:])
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.multinomial(probs.reshape(-1, c).double().cpu().clamp_min(0), 1, generator=generator).reshape(probs.shape[:2])
+    flat = probs.reshape(-1, c).double().cpu()
+    finite = torch.isfinite(flat).all(-1) & (flat.sum(-1) > 0)  # a diverged fit's NaN rows draw label -1
+    flat = torch.where(finite[:, None], flat.clamp_min(0), torch.ones_like(flat))
+    draws = torch.multinomial(flat, 1, generator=generator)[:, 0].masked_fill(~finite, -1).reshape(probs.shape[:2])
     log_lik = probs.gather(-1, labels.to(probs.device).expand(probs.shape[0], n)[..., None])[..., 0].clamp_min(1e-30).log()
     kept = (local["inclusion"] > 0).float().mean((1, 2, 3))
     coords = {"image": np.arange(n), "task": list(tasks), "block": list(groups), "class": list(class_names)}

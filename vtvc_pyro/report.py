@@ -35,6 +35,9 @@ def load_run(run_dir: str | Path):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} has no {name}: pass the folder written by `vtvc fit`")
     idata = az.from_netcdf(run_dir / "posterior.nc")
+    if "image" not in idata.posterior.dims:
+        raise ConfigError(f"{run_dir}/posterior.nc was written by an older vtvc_pyro (dim 'sample', no 'inclusion'): "
+                          "refit the run with this version to report it")
     predictions = load_file(str(run_dir / "predictions.safetensors"))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return idata, predictions, metrics

@@ -255,7 +255,6 @@ class AmortizedGatedGuide(PyroModule):
         return params
 
     @torch.no_grad()
-    @torch.no_grad()
     def sample_posterior(self, features: torch.Tensor, num_samples: int, temperature: float = 0.01,
                          shared: dict | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Posterior draws outside Pyro, every site by name.

@@ -5,8 +5,10 @@ Columns of ``history.csv`` (:data:`COLUMNS`; an empty cell: not measured at that
 * ``step``; ``elbo``: the step's ELBO estimate (minus the loss it optimised; with KL weight and
   annealing, on the step's mini-batch scaled to the whole train split);
 * ``log_likelihood``, ``kl``: the split of a one-draw ELBO estimate (:func:`elbo_split`) into the
-  ``obs`` site's scaled log-likelihood and the rest (KL = log-likelihood − ELBO). Only on eval
-  steps (every ``eval_every``): it costs one more forward through the composed towers;
+  ``obs`` site's scaled log-likelihood and the rest (KL = log-likelihood − ELBO of that draw). Only
+  on eval steps (every ``eval_every``): it costs one more forward through the composed towers. It
+  is its own draw, taken after the step's update, so ``log_likelihood − kl`` is close to ``elbo``
+  but not equal to it;
 * ``lr``: the networks' learning rate at the step; ``global_lr``: the global posterior's (the
   hierarchical model's ``composition``), empty without one;
 * ``grad_norm``: the gradient norm before clipping (what ``clip_grad_norm_`` returns);

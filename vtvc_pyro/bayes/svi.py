@@ -73,13 +73,14 @@ def unpack(split: tuple) -> tuple:
 
 
 def image_only(guide: Callable) -> Callable:
-    """The guide as SVI calls it: with the model's arguments minus ``classes``.
+    """The guide as SVI calls it: with the model's arguments minus ``classes`` and ``labels``.
 
-    The likelihood needs each image's class set (in task addition: which task's head scores it),
-    but the posterior must infer the composition from the image alone, so the guide never receives it.
+    The likelihood needs each image's labels and class set (in task addition: which task's head
+    scores it, which the stacked-head labels reveal too), but the posterior must infer the
+    composition from the image alone, so the guide receives neither.
     """
-    def call(*args, classes=None, **kwargs):
-        return guide(*args, **kwargs)
+    def call(images, features, labels=None, *args, classes=None, **kwargs):
+        return guide(images, features, None, *args, **kwargs)
 
     return call
 

@@ -31,7 +31,7 @@ def fit(opts, build: Callable) -> None:
     if opts.dry_run:
         print(json.dumps(plan_fit(cfg), indent=2))
         return
-    out = Path(opts.out) if opts.out else default_out(cfg.target)
+    out = Path(opts.out) if opts.out else default_out(cfg.target if cfg.protocol == "transfer" else "addition")
     metrics = run_fit(cfg, out, overwrite=opts.overwrite, resume=opts.resume, progress=not opts.quiet)
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return

@@ -15,6 +15,7 @@ Accepted specs:
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -124,6 +125,17 @@ def with_validation(task: TaskData, seed: int = 0, fraction: float = 0.1) -> Tas
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, int(round(fraction * len(x))))
     splits = dict(task.splits)
-    splits["val"] = (x[perm[:n_val]], y[perm[:n_val]])
-    splits["train"] = (x[perm[n_val:]], y[perm[n_val:]])
+    splits["val"] = (_take(x, perm[:n_val]), y[perm[:n_val]])
+    splits["train"] = (_take(x, perm[n_val:]), y[perm[n_val:]])
     return TaskData(task.name, task.class_names, task.templates, splits)
+
+
+def _take(images, index: torch.Tensor):
+    """``images[index]``; images streamed from disk stay streamed (a view of the subset, nothing decoded)."""
+    if torch.is_tensor(images):
+        return images[index]
+    from torch.utils.data import Subset
+
+    view = copy.copy(images)
+    view.dataset, view._pool = Subset(images.dataset, index.tolist()), None
+    return view

@@ -73,7 +73,15 @@ def vector_for(spec: str, task: TaskData, names: list[str]) -> str:
 
 def learning_splits(task: TaskData, fit_split: str, seed: int) -> TaskData:
     """The task with ``train``/``val``/``test``: as given (``train``), or learned from val (``val``:
-    90 % of it becomes ``train``, the rest ``val``; the fine-tuning train split is dropped)."""
+    90 % of it becomes ``train``, the rest ``val``; the fine-tuning train split is dropped).
+
+    Raises:
+        ConfigError: ``fit_split="val"`` for a data set without a val split of its own (one carved
+            from train would be fine-tuning data, which ``val`` promises never to use).
+    """
+    if fit_split == "val" and "val" not in task.splits:
+        raise ConfigError(f"--fit_split val needs data sets with their own val split, and {task.name} has none "
+                          "(its val would be carved from the fine-tuning data): use --fit_split train")
     task = with_validation(task, seed)
     if fit_split == "train":
         return task
@@ -90,7 +98,8 @@ def addition_specs(cfg: FitConfig, bank_tasks: list[str]) -> list[str]:
 
 def select_addition(cfg: FitConfig, device: torch.device, progress: bool = False):
     """The bank with every task's vector (in ``cfg.tasks`` order), the tasks' data sets and heads,
-    and their specs: ``(bank, datasets, heads, specs, data_seed)``. Reads files only (builds the
+    and their specs: ``(bank, datasets, heads, specs, data_seed, own)`` (``own``: the untruncated
+    vectors when ``cfg.low_rank`` truncates the bank, else ``None``). Reads files only (builds the
     embedded bank when it is missing); no base features are computed."""
     if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
         build_embedded_bank(DEFAULT_BANK, progress=progress)
@@ -105,12 +114,12 @@ def select_addition(cfg: FitConfig, device: torch.device, progress: bool = False
         vectors.append(vector_for(spec, task, full.vectors.tasks))
     if len(set(vectors)) < len(vectors):
         raise ConfigError(f"two data sets map to the same task vector ({', '.join(vectors)}): list each task once")
-    bank_vectors = full.vectors.select(vectors)
-    if cfg.low_rank:
-        bank_vectors = truncate_bank(bank_vectors, rank=cfg.low_rank)
+    own = full.vectors.select(vectors)
+    bank_vectors = truncate_bank(own, rank=cfg.low_rank) if cfg.low_rank else own
     bank = LoadedBank(full.path, full.manifest, full.model.to(device), bank_vectors.to(device), full.heads)
     heads = TaskHeads(vectors, [bank.head_for(t).to(device) for t in tasks])
-    return bank, tasks, heads, specs, data_seed
+    # each task's own fine-tuned vector, never truncated: the reference of the normalized average
+    return bank, tasks, heads, specs, data_seed, (own.to(device) if cfg.low_rank else None)
 
 
 def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> tuple[Target, list[TaskData], TaskHeads]:
@@ -120,28 +129,32 @@ def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) 
     stacked heads), classes [N, C] bool)`` over the union of the tasks in order;
     ``target.data["task_index"][split]`` holds each image's task ``[N]``.
     """
-    bank, tasks, heads, specs, data_seed = select_addition(cfg, device, progress)
+    bank, tasks, heads, specs, data_seed, own = select_addition(cfg, device, progress)
     vectors = heads.names
+    # with --fit_split val the train/val splits are other subsets: cached under their own names
+    cache = [spec if cfg.fit_split == "train" else f"{spec}+fit_split_val" for spec in specs]
     data, task_index = {}, {}
     for split in SPLITS:
         parts = [t.split(split) for t in tasks]
         index = torch.cat([torch.full((len(y),), i, dtype=torch.long) for i, (_, y) in enumerate(parts)]).to(device)
         labels = heads.global_labels(index, torch.cat([y for _, y in parts]).to(device))
-        features = torch.cat([bank.features(t, split, spec, progress=progress)
-                              for t, spec in zip(tasks, specs)]).to(device)
+        features = torch.cat([bank.features(t, split, key, progress=progress)
+                              for t, key in zip(tasks, cache)]).to(device)
         images = concat_images([x.to(device) for x, _ in parts])
         data[split] = (images, features, labels, heads.classes_for(index))
         task_index[split] = index
     data["task_index"] = task_index
     class_names = tuple(f"{name}/{c}" for name, t in zip(vectors, tasks) for c in t.class_names)
     union = TaskData("addition", class_names, ())
-    return Target(bank, vectors, union, heads.weight, data, None, data_seed), tasks, heads
+    return Target(bank, vectors, union, heads.weight, data, own, data_seed), tasks, heads
 
 
 # ---------------------------------------------------------------- methods
 @torch.no_grad()
 def finetuned_probs(target: Target, heads: TaskHeads, granularity: str = "task") -> dict[str, torch.Tensor]:
-    """Each task's own fine-tuned model (its vector at λ = 1) on its own images: the upper reference."""
+    """Each task's own fine-tuned model (its vector at λ = 1, untruncated: ``target.own_vector`` holds
+    the full vectors when the bank is composed at low rank) on its own images: the upper reference."""
+    vectors = target.own_vector if target.own_vector is not None else target.bank.vectors
     out = {}
     for split in ("val", "test"):
         images, _, _, classes = target.data[split]
@@ -149,7 +162,7 @@ def finetuned_probs(target: Target, heads: TaskHeads, granularity: str = "task")
         probs = torch.zeros(len(index), heads.weight.shape[0], device=heads.weight.device)
         for t, name in enumerate(target.tasks):
             rows = (index == t).nonzero().squeeze(1)
-            composer = Composer(target.bank.model.visual, target.bank.vectors.select([name]), granularity)
+            composer = Composer(target.bank.model.visual, vectors.select([name]), granularity)
             probs[rows] = predict_shared(composer, heads.weight, images[rows], torch.ones(1, 1, device=probs.device),
                                          classes=classes[rows])
         out[split] = probs
@@ -223,9 +236,11 @@ def routing_diagnostics(lam: torch.Tensor, inclusion: torch.Tensor, index: torch
 
 def stratified_rows(index: torch.Tensor, total: int) -> torch.Tensor:
     """Up to ``total`` test rows, as many from every task (the first of each), in data set order."""
-    per = max(1, total // max(1, int(index.max()) + 1))
-    rows = [(index == t).nonzero().squeeze(1)[:per] for t in range(int(index.max()) + 1)]
-    return torch.cat(rows)
+    tasks = int(index.max()) + 1
+    per = total // tasks
+    rows = [(index == t).nonzero().squeeze(1)[:per] for t in range(tasks)]
+    rows = torch.cat(rows)
+    return rows if len(rows) or total <= 0 else (index >= 0).nonzero().squeeze(1)[:total]  # fewer than one per task
 
 
 # ---------------------------------------------------------------- the run

@@ -113,7 +113,7 @@ class Predictor:
         if cfg.protocol == "addition":
             from .addition import select_addition
 
-            bank, datasets, heads, _, data_seed = select_addition(cfg, dev)
+            bank, datasets, heads, _, data_seed, _ = select_addition(cfg, dev)
             if task not in heads.names:
                 raise ConfigError(f"{run_dir} is a task-addition run: pass task= one of {', '.join(heads.names)} "
                                   "(the head whose classes to predict)")

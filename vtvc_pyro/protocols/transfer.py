@@ -131,7 +131,9 @@ def default_out(target: str) -> Path:
 class Target:
     """A target data set ready for fitting: the bank without the target's own vector, and data on device.
 
-    ``data[split]`` is ``(images [N, 3, H, W], base features [N, D], labels [N])``.
+    ``data[split]`` is ``(images [N, 3, H, W], base features [N, D], labels [N])``; in task
+    addition (:func:`~vtvc_pyro.protocols.addition.load_addition`) it adds ``classes [N, C]``,
+    ``data["task_index"][split]`` holds each image's task and ``own_vector`` the untruncated vectors.
     """
 
     bank: LoadedBank
@@ -436,6 +438,18 @@ def plan_fit(cfg: FitConfig) -> dict:
     plan = {"device": device_description(device), "bank": str(cfg.bank), "target": cfg.target,
             "model": cfg.model, "prior": cfg.prior, "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
             "svi": f"{cfg.svi.steps} steps of batch {cfg.svi.batch_size}, seed {cfg.seed}"}
+    if cfg.protocol == "addition" and (Path(cfg.bank) / "manifest.json").is_file():
+        from .addition import select_addition  # addition builds on this module's pieces
+
+        bank, datasets, heads, _, _, _ = select_addition(cfg, torch.device("cpu"))
+        composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
+        plan.update({"protocol": "addition", "target": "addition (every task's test split, its own head)",
+                     "arch": bank.arch, "tasks": heads.names,
+                     "splits": {t.name: {split: len(t.split(split)[1]) for split in ("train", "val", "test")}
+                                for t in datasets},
+                     "classes": heads.offsets[-1], "fit_split": cfg.fit_split,
+                     "coefficients": f"{composer.num_tasks} tasks x {composer.num_groups} {cfg.granularity} groups per image"})
+        return plan
     if not (Path(cfg.bank) / "manifest.json").is_file():
         if Path(cfg.bank) != Path(DEFAULT_BANK):
             raise ConfigError(f"{cfg.bank} holds no bank (manifest.json): build or import one, or pass --bank")
