@@ -18,7 +18,9 @@ from vtvc_pyro.errors import NumericalError
 from .conftest import ROOT, run_script
 from .test_vtvc import tiny_problem
 
-ARGS = ["--svi.steps", "120", "--svi.eval_every", "20", "--svi.checkpoint_every", "20", "--eval_samples", "4", "--quiet"]
+# a few baselines, not all: resuming re-runs them, and the router alone would be six more fits
+ARGS = ["--baselines", "[zeroshot,task_arithmetic,atlas]", "--svi.steps", "120", "--svi.eval_every", "20",
+        "--svi.checkpoint_every", "20", "--eval_samples", "4", "--quiet"]
 
 
 def checkpoint_step(path):
