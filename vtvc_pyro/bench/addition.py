@@ -23,12 +23,8 @@ Usage::
     vtvc bench addition --models '[vit-b-32]' --batch '[8]' --components '[1,4]' --out addition.json
 """
 
-import datetime
 import json
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import pyro
@@ -43,7 +39,7 @@ from ..compose.engine import Composer
 from ..compose.heads import TaskHeads, class_logits
 from ..errors import ConfigError
 from ..io import write_json
-from .composition import PeakMemory, build_visual, random_banks, sync
+from .composition import PeakMemory, build_visual, machine, measure, random_banks
 
 TASK_CLASSES = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10,
                 "DTD": 47}
@@ -104,21 +100,6 @@ def vtvc_step(composer: Composer, heads: TaskHeads, data: dict, components: int)
     return step, sum(p.numel() for p in guide.parameters())  # the guide's: what SVI learns
 
 
-def measure(step, device: torch.device, repeats: int, warmup: int, memory: PeakMemory) -> tuple[float, float | None]:
-    """Median seconds of ``repeats`` calls of ``step()`` after ``warmup`` calls, and the peak memory growth (MiB)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    memory.start()
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), memory.stop()
-
-
 def bench(args) -> dict:
     device = torch.device(args.device)
     memory = PeakMemory(device)  # first: it pins glibc's mmap threshold before the big allocations
@@ -138,7 +119,7 @@ def bench(args) -> dict:
                 for name in steps:
                     k = int(name.split("=")[1]) if name.startswith("vtvc") else None
                     step, learned = atlas_step(composer, heads, data) if k is None else vtvc_step(composer, heads, data, k)
-                    seconds, peak = measure(step, device, args.repeats, args.warmup, memory)
+                    seconds, peak = measure(step, device, args.repeats, args.warmup, memory, reduce=statistics.median)
                     atlas = atlas or seconds
                     row = {
                         "model": model, "layers": len(visual.transformer.resblocks), "tasks": args.tasks,
@@ -180,16 +161,9 @@ def markdown(rows: list[dict]) -> str:
 
 
 def environment(args) -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": device, "torch": torch.__version__,
-            "pyro": pyro.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "repeats": args.repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank,
-            "num_data": NUM_DATA, "kl_weight": KL_WEIGHT, "temperature": TEMPERATURE}
+    return {**machine(args.device), "pyro": pyro.__version__, "repeats": args.repeats, "warmup": args.warmup,
+            "dtype": args.dtype, "rank": args.rank, "num_data": NUM_DATA, "kl_weight": KL_WEIGHT,
+            "temperature": TEMPERATURE}
 
 
 def main(args):

@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
@@ -133,9 +134,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMemory) -> tuple[float, float | None]:
-    """Fastest of ``repeats`` runs of ``fn()`` after ``warmup`` runs (seconds; the minimum, as the
-    machine may be shared), and the peak memory growth."""
+def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMemory,
+            reduce: Callable[[list[float]], float] = min) -> tuple[float, float | None]:
+    """``reduce`` of ``repeats`` timed runs of ``fn()`` after ``warmup`` runs (seconds; by default the
+    fastest, as the machine may be shared), and the peak memory growth."""
     for _ in range(warmup):
         fn()
     times = []
@@ -146,7 +148,7 @@ def measure(fn, device: torch.device, repeats: int, warmup: int, memory: PeakMem
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times), memory.stop()
+    return reduce(times), memory.stop()
 
 
 def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int, naive_backward: str = "per-sample"):
@@ -307,13 +309,22 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
+def machine(device: str) -> dict:
+    """What a benchmark ran on: the command, the device (GPU name, or CPU model and torch threads),
+    torch and Python versions, and the date (UTC)."""
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
+    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": name, "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def environment(args) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{cpu}, {torch.get_num_threads()} threads"
-    return {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "device": device, "torch": torch.__version__,
-            "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "naive_backward": args.naive_backward, "repeats": args.repeats, "tiny_repeats": args.tiny_repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
+    return {**machine(args.device), "naive_backward": args.naive_backward, "repeats": args.repeats,
+            "tiny_repeats": args.tiny_repeats, "warmup": args.warmup, "dtype": args.dtype, "rank": args.rank}
 
 
 def main(args):
