@@ -20,6 +20,7 @@ from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.io import save_safetensors
+from vtvc_pyro.data.split import Split
 
 
 def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
@@ -42,8 +43,8 @@ def fit(out: Path, accumulate: int = 1) -> dict[str, torch.Tensor]:
     guide = make_guide("amortized_gated", feature_dim=64, num_tasks=3, num_groups=composer.num_groups, prior=prior,
                        slab_mean_init=1.0, gate_logit_init=20.0, slab_logvar_init=-30.0, logvar_min=-30.0)
     cfg = SVIConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=2, accumulate=accumulate)
-    result = fit_svi(VTVCModel(composer, head, prior), guide, (images[:32], features[:32], labels[:32]),
-                  (images[32:], features[32:], labels[32:]), cfg, checkpoint_path=out / "checkpoint.safetensors",
+    result = fit_svi(VTVCModel(composer, head, prior), guide, Split(images[:32], features[:32], labels[:32]),
+                  Split(images[32:], features[32:], labels[32:]), cfg, checkpoint_path=out / "checkpoint.safetensors",
                   progress=False)
     state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     state["elbo_trace"] = torch.tensor(result.elbo_trace, dtype=torch.float64)

@@ -17,7 +17,8 @@ from vtvc_pyro.compose.heads import TaskHeads, class_logits
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.protocols.addition import routing_diagnostics, score_addition
-from vtvc_pyro.protocols.transfer import Target
+from vtvc_pyro.data.split import Split
+from vtvc_pyro.protocols.fitting import Target
 from vtvc_pyro.tables import (
     Table,
     published_numbers,
@@ -79,8 +80,8 @@ def test_svi_never_hands_the_guide_the_task(monkeypatch):
         monkeypatch.setattr(module, "forward", lambda *a, _f=forward, _n=name, **k: (
             seen[_n].append({*k, *(["labels"] if len(a) > 2 and a[2] is not None else [])}), _f(*a, **k))[1])
     index = torch.tensor([0, 1] * 4)
-    split = (torch.randn(8, 3, 16, 16), torch.randn(8, 8), heads.global_labels(index, torch.zeros(8, dtype=torch.long)),
-             heads.classes_for(index))
+    split = Split(torch.randn(8, 3, 16, 16), torch.randn(8, 8),
+                  heads.global_labels(index, torch.zeros(8, dtype=torch.long)), heads.classes_for(index))
     fit_svi(model, guide, split, split, SVIConfig(steps=2, batch_size=4, eval_every=2, val_samples=1), progress=False)
     assert seen["model"] and all("classes" in k for k in seen["model"])
     assert seen["guide"] and not any("classes" in k or "labels" in k for k in seen["guide"])
@@ -92,12 +93,12 @@ def test_scores_per_task_average_and_normalized_average_by_hand():
     index = torch.tensor([0, 0, 1, 1])
     local = torch.tensor([0, 1, 2, 0])
     labels, classes = heads.global_labels(index, local), heads.classes_for(index)
-    target = Target(None, ["a", "b"], None, heads.weight, {"test": (None, None, labels, classes),
-                                                          "val": (None, None, labels, classes),
-                                                          "task_index": {"test": index, "val": index}}, None, 0)
+    split = Split(None, None, labels, classes)
+    target = Target("addition", None, ["a", "b"], None, heads.weight, {"test": split, "val": split},
+                    task_index={"test": index, "val": index}, heads=heads)
     right = torch.tensor([[0.9, 0.1, 0, 0, 0], [0.2, 0.8, 0, 0, 0], [0, 0, 0.1, 0.1, 0.8], [0, 0, 0.7, 0.2, 0.1]])
     half = torch.tensor([[0.6, 0.4, 0, 0, 0], [0.6, 0.4, 0, 0, 0], [0, 0, 0.2, 0.2, 0.6], [0, 0, 0.2, 0.6, 0.2]])
-    scores = score_addition({"finetuned": {"test": right, "val": right}, "m": {"test": half, "val": half}}, target, heads)
+    scores = score_addition({"finetuned": {"test": right, "val": right}, "m": {"test": half, "val": half}}, target)
     m = scores["m"]
     assert m["per_task"]["a"]["accuracy"] == 0.5 and m["per_task"]["b"]["accuracy"] == 0.5
     assert m["average"]["accuracy"] == 0.5

@@ -12,7 +12,8 @@ from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.evaluate import classification_metrics
 from vtvc_pyro.methods import learned, merges
 from vtvc_pyro.methods.baselines import BASELINES, expand_names
-from vtvc_pyro.protocols.transfer import load_target, run_baselines
+from vtvc_pyro.protocols.fitting import run_baselines
+from vtvc_pyro.protocols.transfer import load_target
 
 from .conftest import random_bank
 
@@ -55,11 +56,11 @@ def test_own_finetuned_reference_matches_the_bank_manifest(bank_path):
     assert "digits-rotated" not in target.tasks and target.own_vector.tasks == ["digits-rotated"]
     probs, info = run_baselines(cfg, target, ["finetuned", "zeroshot", "averaging", "ties"])
     manifest = json.loads((bank_path / "manifest.json").read_text())["tasks"]["digits-rotated"]
-    labels = target.data["test"][2]
+    labels = target.data["test"].labels
     assert classification_metrics(probs["finetuned"]["test"], labels)["accuracy"] == pytest.approx(manifest["finetuned_accuracy"], abs=1e-6)
     assert classification_metrics(probs["zeroshot"]["test"], labels)["accuracy"] == pytest.approx(manifest["zeroshot_accuracy"], abs=1e-6)
     assert 0 <= info["ties"]["lambda"] <= 2 and info["ties"]["density"] in (0.1, 0.2, 0.5)
-    assert probs["ties"]["val"].shape == (len(target.data["val"][2]), 10)  # val probabilities: for temperature scaling
+    assert probs["ties"]["val"].shape == (len(target.data["val"]), 10)  # val probabilities: for temperature scaling
 
 
 def test_finetuned_is_skipped_without_an_own_vector(bank_path):

@@ -18,6 +18,7 @@ from vtvc_pyro.bayes.priors import make_prior
 from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
+from vtvc_pyro.data.split import Split
 
 from .conftest import random_bank
 
@@ -79,7 +80,7 @@ def test_svi_steps_on_cuda_are_finite():
     with torch.no_grad():
         features = F.normalize(composer.visual(images), dim=-1)
     labels = torch.randint(0, 4, (24,), device=CUDA)
-    split = (images, features, labels)
+    split = Split(images, features, labels)
     fit = fit_svi(vtvc, guide, split, split, SVIConfig(steps=6, batch_size=8, eval_every=3, val_samples=2),
                  progress=False)
     assert len(fit.elbo_trace) == 6 and all(torch.isfinite(torch.tensor(fit.elbo_trace)))

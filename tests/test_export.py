@@ -31,7 +31,7 @@ from vtvc_pyro.protocols.export import (
     metrics_table,
     model_card,
 )
-from vtvc_pyro.protocols.transfer import run_fit
+from vtvc_pyro.protocols.fit import run_fit
 
 from . import standins
 from .conftest import REAL_ARCH as ARCH

@@ -12,12 +12,14 @@ from vtvc_pyro import backbone
 from vtvc_pyro.bayes.hierarchical import expected_route_kl
 from vtvc_pyro.bayes.priors import make_prior, spike_slab_kl
 from vtvc_pyro.bayes.registry import make_vtvc
-from vtvc_pyro.bayes.svi import fit_svi, sample_probs
+from vtvc_pyro.bayes.predictive import sample_probs
+from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.methods.learned import learn_shared_coefficients
 from vtvc_pyro.methods.merges import accuracy, predict_shared
+from vtvc_pyro.data.split import Split
 
 from .conftest import random_bank
 
@@ -130,7 +132,7 @@ def planted_problem(planted_by_domain: torch.Tensor, n: int = 600, seed: int = 0
         y = (teacher @ head.T).argmax(-1)
     feats = backbone.image_features(model, x)
     split = {"train": slice(0, 400), "val": slice(400, 500), "test": slice(500, n)}
-    data = {k: (x[s], feats[s], y[s]) for k, s in split.items()}
+    data = {k: Split(x[s], feats[s], y[s]) for k, s in split.items()}
     return Composer(model.visual, bank, granularity), head, data, domains[split["test"]]
 
 
@@ -140,17 +142,16 @@ def fit_hierarchical(composer, head, data, steps=300, components=1, routing=Fals
     # three-vector composition at every step and SVI stalls at chance on these problems
     model, guide = make_vtvc("hierarchical", "amortized_gated", composer, head, prior, 64, slab_mean_init=0.3,
                              gate_logit_init=3.0, components=components, routing=routing)
-    guide.initialize(data["train"][1])
+    guide.initialize(data["train"].features)
     fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=steps, eval_every=50, kl_weight=0.1),
             progress=False)
-    probs, lam, inclusion = sample_probs(model, guide, data["test"][0], data["test"][1], num_samples=10)
-    return accuracy(probs.mean(0), data["test"][2]), lam, inclusion, guide
+    probs, lam, inclusion = sample_probs(model, guide, data["test"].images, data["test"].features, num_samples=10)
+    return accuracy(probs.mean(0), data["test"].labels), lam, inclusion, guide
 
 
 def shared_accuracy(composer, head, data) -> float:
-    lam, _ = learn_shared_coefficients(composer, head, (data["train"][0], data["train"][2]),
-                                       (data["val"][0], data["val"][2]), steps=300)
-    return accuracy(predict_shared(composer, head, data["test"][0], lam), data["test"][2])
+    lam, _ = learn_shared_coefficients(composer, head, data["train"], data["val"], steps=300)
+    return accuracy(predict_shared(composer, head, data["test"].images, lam), data["test"].labels)
 
 
 def test_one_composition_for_all_matches_shared_coefficients():
@@ -175,7 +176,7 @@ def test_mixture_assigns_planted_domains_and_beats_one_composition():
     planted = torch.tensor([[1.5, 0.0, 0.0], [0.0, 1.5, 0.0]])
     composer, head, data, domains = planted_problem(planted)
     acc, lam, inclusion, guide = fit_hierarchical(composer, head, data, components=2)
-    assign = guide.component_probs(data["test"][1]).argmax(-1)
+    assign = guide.component_probs(data["test"].features).argmax(-1)
     purity = max(float((assign == domains).float().mean()), float((assign != domains).float().mean()))
     assert purity > 0.95
     assert acc > shared_accuracy(composer, head, data) + 0.1

@@ -37,7 +37,7 @@ def hierarchical(problem):
     composer, head, data, _ = problem
     pyro.set_rng_seed(0)
     model, guide = make_vtvc("hierarchical", "amortized_gated", composer, head, make_prior("spike_slab"), 64)
-    guide.initialize(data["train"][1])
+    guide.initialize(data["train"].features)
     return model, guide
 
 
@@ -120,7 +120,7 @@ def test_watching_a_fit_changes_nothing_in_it(problem, tmp_path):
 def test_elbo_split_is_the_trace_elbo_draw_split_at_the_likelihood(problem):
     _, _, data, _ = problem
     model, guide = hierarchical(problem)
-    x, f, y = (t[:16] for t in data["train"])
+    x, f, y = (t[:16] for t in (data["train"].images, data["train"].features, data["train"].labels))
     kwargs = {"num_data": 400, "kl_weight": 0.1, "temperature": 0.5}
     pyro.set_rng_seed(3)
     before = torch.get_rng_state()

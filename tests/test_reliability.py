@@ -14,6 +14,7 @@ from safetensors import safe_open
 from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import NumericalError
+from vtvc_pyro.data.split import Split
 
 from .conftest import ROOT, run_script
 from .test_vtvc import tiny_problem
@@ -94,8 +95,8 @@ def test_nan_stops_the_fit_naming_the_step():
     with torch.no_grad():
         guide.heads["slab_loc"][2].bias.fill_(float("nan"))
     with pytest.raises(NumericalError, match="SVI step 1"):
-        fit_svi(model, guide, (x, f, y), (x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
-    result = fit_svi(model, guide, (x, f, y), (x, f, y), SVIConfig(steps=3, eval_every=1, skip_nonfinite=True),
+        fit_svi(model, guide, Split(x, f, y), Split(x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
+    result = fit_svi(model, guide, Split(x, f, y), Split(x, f, y), SVIConfig(steps=3, eval_every=1, skip_nonfinite=True),
                      progress=False)
     assert len(result.elbo_trace) == 3
 

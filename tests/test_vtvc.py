@@ -11,11 +11,13 @@ from vtvc_pyro import backbone
 from vtvc_pyro.bayes.guide import GUIDES, keep_rule, make_guide
 from vtvc_pyro.bayes.model import VTVCModel
 from vtvc_pyro.bayes.priors import PRIORS, bernoulli_kl, make_prior
-from vtvc_pyro.bayes.svi import fit_svi, sample_probs
+from vtvc_pyro.bayes.predictive import sample_probs
+from vtvc_pyro.bayes.svi import fit_svi
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.data import specs
 from vtvc_pyro.errors import ConfigError
+from vtvc_pyro.data.split import Split
 
 from .conftest import random_bank
 
@@ -165,7 +167,7 @@ def test_planted_sparse_structure_is_found():
     vtvc = VTVCModel(composer, head, prior)
     guide = make_guide("amortized_gated", feature_dim=64, num_tasks=4, num_groups=1, prior=prior,
                        slab_mean_init=0.3, gate_logit_init=2.0)
-    fit = fit_svi(vtvc, guide, (x[:400], feats[:400], y[:400]), (x[400:500], feats[400:500], y[400:500]),
+    fit = fit_svi(vtvc, guide, Split(x[:400], feats[:400], y[:400]), Split(x[400:500], feats[400:500], y[400:500]),
                   SVIConfig(steps=300, batch_size=64, eval_every=100), progress=False)
     _, lam, gate = sample_probs(vtvc, guide, x[500:], feats[500:], num_samples=10)
     inclusion, mean = gate.mean((0, 1))[:, 0], lam.mean((0, 1))[:, 0]
@@ -183,7 +185,7 @@ def test_elbo_rises_on_the_real_bank(loaded_bank):
     model = VTVCModel(composer, head, prior)
     guide = make_guide("amortized_gated", feature_dim=64, num_tasks=bank.num_tasks, num_groups=composer.num_groups,
                        prior=prior, slab_mean_init=0.3, gate_logit_init=2.0)
-    data = {s: (task.split(s)[0], loaded_bank.features(task, s), task.split(s)[1]) for s in ("train", "val")}
+    data = {s: Split(task.split(s)[0], loaded_bank.features(task, s), task.split(s)[1]) for s in ("train", "val")}
     fit = fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=80, eval_every=40), progress=False)
     first, last = sum(fit.elbo_trace[:15]) / 15, sum(fit.elbo_trace[-15:]) / 15
     assert last > first + 50, (first, last)

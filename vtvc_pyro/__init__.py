@@ -4,12 +4,14 @@ The package is layered; each layer imports only the ones below it (an import-lin
 ``pyproject.toml`` checks it)::
 
     cli                         the `vtvc` command
-    protocols                   experiments: transfer (run_fit), negation, ablation, export, truncation
+    protocols                   experiments: run_fit and the protocol registry (transfer, addition), negation,
+                                ablation, export, predict, truncation
     methods | bayes | report    baselines | the Pyro model, guides, SVI | figures
     compose                     per-sample and shared composed forward passes
     bank                        task vectors, bank folders, low-rank banks, the embedded bank's training
     data                        data set specs, the offline suite, the 8 benchmarks, mini-batches
-    backbone | diagnostics | evaluate | distributed | config | io | errors
+    backbone | diagnostics | evaluate | distributed
+    config | io | run_folder | progress | errors
 
 Names below are imported on first use, so ``import vtvc_pyro`` is cheap and changes no global state.
 
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AmortizedGatedGuide": "bayes.guide", "GUIDES": "bayes.guide", "make_guide": "bayes.guide",
     "PRIORS": "bayes.priors", "make_prior": "bayes.priors", "VTVCModel": "bayes.model", "fit_svi": "bayes.svi",
+    "mean_probs": "bayes.predictive", "sample_draws": "bayes.predictive",
     "HierarchicalModel": "bayes.hierarchical", "HierarchicalGuide": "bayes.hierarchical",
     "MODELS": "bayes.registry", "make_vtvc": "bayes.registry",
     "BuildConfig": "config", "FitConfig": "config", "GridConfig": "config", "NegationConfig": "config",
@@ -38,9 +41,10 @@ _EXPORTS = {
     "import_hf_bank": "bank.hf",
     "truncate_bank": "bank.low_rank", "create_clip": "backbone", "load_benchmark": "data.benchmarks",
     "classification_metrics": "evaluate", "BASELINES": "methods.baselines",
-    "run_fit": "protocols.transfer", "run_negation": "protocols.negation", "run_grid": "protocols.ablation",
+    "run_fit": "protocols.fit", "PROTOCOLS": "protocols.fit", "plan_fit": "protocols.fit", "run_negation": "protocols.negation", "run_grid": "protocols.ablation",
     "export_composed": "protocols.export", "export_folder": "protocols.export", "export_run": "protocols.export",
-    "truncation_report": "protocols.truncation", "Predictor": "protocols.predict", "run_addition": "protocols.addition",
+    "truncation_report": "protocols.truncation", "Predictor": "protocols.predict",
+    "RunFolder": "run_folder", "Split": "data.split", "GuideSettings": "bayes.guide",
     "TaskHeads": "compose.heads", "build_report": "report",
 }
 __all__ = sorted(_EXPORTS)

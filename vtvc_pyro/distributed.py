@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .progress import track
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def setup_run(out: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
     if resume:
         # every candidate's checkpoint (checkpoint.safetensors, checkpoint-k4.safetensors, ...): all
         # ranks must resume the same fits at the same steps
-        for path in [out / "config.json", *sorted(out.glob("checkpoint*.safetensors"))]:
+        folder = RunFolder(out)
+        for path in [folder.config, *folder.checkpoints()]:
             if path.is_file():
                 shutil.copy2(path, private / path.name)
     return private, True

@@ -6,7 +6,6 @@ writes ``summary.json`` plus PNG figures under ``figures/``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,13 +14,13 @@ import torch
 from matplotlib.figure import (
     Figure,  # the object API: no pyplot state, no backend switch
 )
-from safetensors.torch import load_file
 
 from .compose.engine import block_groups
 from .diagnostics import az, inclusion_summary
 from .errors import ConfigError
 from .evaluate import accuracy_coverage, mutual_information, predictive_entropy
-from .io import atomic_write, write_json
+from .io import atomic_write
+from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +29,13 @@ BASELINE_ORDER = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", 
 
 def load_run(run_dir: str | Path):
     """``(idata, predictions, metrics)`` of a run folder; a clear error when a file is missing."""
-    run_dir = Path(run_dir)
-    for name in ("posterior.nc", "predictions.safetensors", "metrics.json"):
-        if not (run_dir / name).is_file():
-            raise ConfigError(f"{run_dir} has no {name}: pass the folder written by `vtvc fit`")
-    idata = az.from_netcdf(run_dir / "posterior.nc")
+    folder = RunFolder(run_dir)
+    folder.require(RunFolder.POSTERIOR, RunFolder.PREDICTIONS, RunFolder.METRICS)
+    idata = az.from_netcdf(folder.posterior)
     if "image" not in idata.posterior.dims:
-        raise ConfigError(f"{run_dir}/posterior.nc was written by an older vtvc_pyro (dim 'sample', no 'inclusion'): "
+        raise ConfigError(f"{folder.posterior} was written by an older vtvc_pyro (dim 'sample', no 'inclusion'): "
                           "refit the run with this version to report it")
-    predictions = load_file(str(run_dir / "predictions.safetensors"))
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return idata, predictions, metrics
+    return idata, folder.read_predictions(), folder.read_metrics()
 
 
 def layer_inclusion(idata) -> tuple[np.ndarray, list[str], list[str]]:
@@ -279,27 +274,26 @@ def plot_routing(routing: dict, path: Path) -> Path:
 
 def build_report(run_dir: str | Path) -> dict:
     """Rebuild ``summary.json`` and every figure of a run; returns the summary."""
-    run_dir = Path(run_dir)
-    idata, predictions, metrics = load_run(run_dir)
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    folder = RunFolder(run_dir)
+    idata, predictions, metrics = load_run(folder.path)
+    folder.figures.mkdir(exist_ok=True)
     summary = summarize(idata)
     summary["target"] = metrics["target"]
-    summary["figures"] = [str(p.relative_to(run_dir)) for p in (
-        plot_elbo(idata, figures / "elbo.png"),
-        plot_inclusion_heatmap(idata, figures / "inclusion_heatmap.png"),
-        plot_lambda_forest(idata, figures / "lambda_forest.png"),
-        plot_sample_profiles(idata, figures / "sample_profiles.png"),
-        plot_reliability(predictions, figures / "reliability.png"),
-        plot_accuracy_coverage(predictions, figures / "accuracy_coverage.png"),
-        plot_uncertainty_vs_error(summary, figures / "uncertainty_vs_error.png"),
-    )]
+    figures = [
+        plot_elbo(idata, folder.figure("elbo")),
+        plot_inclusion_heatmap(idata, folder.figure("inclusion_heatmap")),
+        plot_lambda_forest(idata, folder.figure("lambda_forest")),
+        plot_sample_profiles(idata, folder.figure("sample_profiles")),
+        plot_reliability(predictions, folder.figure("reliability")),
+        plot_accuracy_coverage(predictions, folder.figure("accuracy_coverage")),
+        plot_uncertainty_vs_error(summary, folder.figure("uncertainty_vs_error")),
+    ]
     if metrics.get("routing"):
         summary["routing_accuracy"] = {name: r["routing_accuracy"] for name, r in metrics["routing"].items()}
-        summary["figures"].append(str(plot_routing(metrics["routing"], figures / "routing.png").relative_to(run_dir)))
+        figures.append(plot_routing(metrics["routing"], folder.figure("routing")))
     selection = metrics.get("composition", {}).get("selection")
     if selection:
-        summary["figures"].append(str(plot_selection(selection, metrics["tasks"], figures / "selection.png")
-                                      .relative_to(run_dir)))
-    write_json(run_dir / "summary.json", summary)
+        figures.append(plot_selection(selection, metrics["tasks"], folder.figure("selection")))
+    summary["figures"] = [str(p.relative_to(folder.path)) for p in figures]
+    folder.write_summary(summary)
     return summary

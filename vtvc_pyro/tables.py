@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError
+from .run_folder import RunFolder
 
 PUBLISHED = "published/task_addition.json"
 
@@ -46,10 +47,7 @@ def published_numbers() -> dict:
 
 
 def _read_metrics(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} holds no metrics.json: pass folders written by `vtvc fit`")
-    return json.loads(path.read_text())
+    return RunFolder(run_dir).read_metrics()
 
 
 def _stats(values: list[float]) -> tuple[float, float, int] | None:

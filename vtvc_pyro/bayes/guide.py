@@ -21,6 +21,7 @@ variance.) τ0 and β are hyperparameters chosen on val.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import pyro
 import pyro.distributions as dist
@@ -134,7 +135,79 @@ class ConstantHead(nn.Module):
         return self.bias.expand(features.shape[0], -1)
 
 
-class AmortizedGatedGuide(PyroModule):
+@dataclass(frozen=True)
+class GuideSettings:
+    """What the flat and the hierarchical guides share: width, keep rule and initial posterior.
+
+    Attributes:
+        hidden: hidden width of the networks (default: ``max(D // 4, T·G)`` for the flat guide's
+            heads, as in the authors' code; ``max(D // 4, T)`` for the hierarchical router).
+        gate_rule: apply the deterministic keep rule (:func:`keep_rule`) at prediction time.
+        tau0, beta: the keep rule's threshold parameters.
+        init_std: std of the networks' initial weights and biases.
+        slab_mean_init, gate_logit_init, slab_logvar_init: the initial posterior: added to the output
+            biases (flat) or the global constants (hierarchical) of the ``slab`` mean (real slabs
+            only; other sites start at their declared ``init``), of every gate logit (``None``: the
+            prior's inclusion logit) and of every log-variance.
+        logvar_min, logvar_max: clamp of the log-variances.
+    """
+
+    hidden: int | None = None
+    gate_rule: bool = True
+    tau0: float = 0.05
+    beta: float = 1.0
+    init_std: float = 0.01
+    slab_mean_init: float = 0.0
+    gate_logit_init: float | None = None
+    slab_logvar_init: float = -4.0
+    logvar_min: float = -8.0
+    logvar_max: float = 2.0
+
+    @classmethod
+    def of(cls, settings: GuideSettings | None = None, **overrides) -> GuideSettings:
+        """``settings`` (default: the defaults) with ``overrides`` by field name.
+
+        Raises:
+            ConfigError: an override names no field.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown guide setting(s) {', '.join(unknown)}: choose from {', '.join(sorted(names))}")
+        return replace(settings or cls(), **overrides)
+
+    @classmethod
+    def from_config(cls, cfg) -> GuideSettings:
+        """The fields of ``cfg`` (e.g. a :class:`~vtvc_pyro.config.FitConfig`) that name a setting."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
+
+
+class GatedGuide(PyroModule):
+    """What both guides hold: the coefficient shape, the prior, and the keep rule's settings.
+
+    Subclasses build their networks or constants in ``__init__`` and implement
+    ``sample_posterior`` and ``mean_coefficients``.
+    """
+
+    def __init__(self, num_tasks: int, num_groups: int, prior: Prior, settings: GuideSettings):
+        super().__init__()
+        if settings.tau0 <= 0 or settings.beta < 0:
+            raise ConfigError(f"gate threshold needs tau0 > 0 and beta >= 0, got tau0={settings.tau0}, "
+                              f"beta={settings.beta}")
+        self.settings = settings
+        self.num_tasks, self.num_groups = num_tasks, num_groups
+        self.prior = prior
+        self.has_gate = prior.has_gate
+        self.gate_rule = settings.gate_rule and prior.has_gate
+        self.tau0, self.beta = float(settings.tau0), float(settings.beta)
+        self.logvar_min, self.logvar_max = settings.logvar_min, settings.logvar_max
+
+    def _register_component_scale(self, component_scale: torch.Tensor | None) -> None:
+        scale = torch.ones(self.num_tasks, self.num_groups) if component_scale is None else component_scale.float()
+        self.register_buffer("component_scale", scale)
+
+
+class AmortizedGatedGuide(GatedGuide):
     """Amortized posterior over the sites a prior declares, with the uncertainty/importance gate rule.
 
     One head per site parameter, read from the base features ``e_i`` [N, D]: binary sites get a
@@ -145,52 +218,26 @@ class AmortizedGatedGuide(PyroModule):
         feature_dim: ``D``, the base image feature size.
         num_tasks, num_groups: ``T`` and ``G`` (coefficient shape per sample).
         prior: the model's prior; its :attr:`~vtvc_pyro.bayes.priors.Prior.sites` decide the guide's sites.
-        hidden: hidden width of each head; default ``max(D // 4, T·G)`` as in the authors' code.
-        gate_rule: apply the deterministic keep rule at prediction time (off: plain relaxed-Bernoulli gates).
+        settings: width, keep rule and initial posterior (:class:`GuideSettings`).
         amortized: heads are MLPs of the features; ``False`` gives one posterior shared by every
             sample *inside* the data plate (each image still draws its own λ; for task-level VI use
             the hierarchical model's ``global`` guide).
-        tau0, beta: keep-rule threshold parameters.
         component_scale: ``[T, G]`` relative task-vector size of each component (default: ones).
-        init_std: std of the heads' initial weights and biases.
-        slab_mean_init, gate_logit_init, slab_logvar_init: added to the initial output biases of the
-            ``slab`` loc head (real slabs only; other sites start at their declared ``init``), of every
-            gate-logit head (``None``: the prior's inclusion logit) and of every log-variance head.
-        logvar_min, logvar_max: clamp of the log-variances.
+        overrides: :class:`GuideSettings` fields by name (``hidden=64``), applied over ``settings``.
     """
 
-    def __init__(
-        self,
-        feature_dim: int,
-        num_tasks: int,
-        num_groups: int,
-        prior: Prior,
-        hidden: int | None = None,
-        gate_rule: bool = True,
-        amortized: bool = True,
-        tau0: float = 0.05,
-        beta: float = 1.0,
-        component_scale: torch.Tensor | None = None,
-        init_std: float = 0.01,
-        slab_mean_init: float = 0.0,
-        gate_logit_init: float | None = None,
-        slab_logvar_init: float = -4.0,
-        logvar_min: float = -8.0,
-        logvar_max: float = 2.0,
-    ):
-        super().__init__()
-        if tau0 <= 0 or beta < 0:
-            raise ConfigError(f"gate threshold needs tau0 > 0 and beta >= 0, got tau0={tau0}, beta={beta}")
-        self.num_tasks, self.num_groups = num_tasks, num_groups
-        self.prior = prior
-        self.has_gate = prior.has_gate
-        self.gate_rule = gate_rule and prior.has_gate
+    def __init__(self, feature_dim: int, num_tasks: int, num_groups: int, prior: Prior,
+                 settings: GuideSettings | None = None, amortized: bool = True,
+                 component_scale: torch.Tensor | None = None, **overrides):
+        settings = GuideSettings.of(settings, **overrides)
+        super().__init__(num_tasks, num_groups, prior, settings)
         self.amortized = amortized
-        hidden = hidden or max(feature_dim // 4, num_tasks * num_groups)
+        hidden = settings.hidden or max(feature_dim // 4, num_tasks * num_groups)
 
         def head(site: Site, init: float) -> nn.Module:
             size = max(1, math.prod(site.dims(num_tasks, num_groups)))
-            net = mlp_head(feature_dim, hidden, size, init_std) if amortized else ConstantHead(size, init_std)
+            net = (mlp_head(feature_dim, hidden, size, settings.init_std) if amortized
+                   else ConstantHead(size, settings.init_std))
             with torch.no_grad():  # the initial posterior: the output bias sets its centre
                 (net[2].bias if amortized else net.bias).add_(init)
             return net
@@ -199,15 +246,12 @@ class AmortizedGatedGuide(PyroModule):
         # the same order as the original three-head guide (mean, log-variance, logit)
         self.heads = nn.ModuleDict()
         for site in (s for s in prior.sites if s.support != "binary"):
-            loc_init = slab_mean_init if (site.name == "slab" and site.support == "real") else site.init
+            loc_init = settings.slab_mean_init if (site.name == "slab" and site.support == "real") else site.init
             self.heads[f"{site.name}_loc"] = head(site, loc_init)
-            self.heads[f"{site.name}_logvar"] = head(site, slab_logvar_init)
+            self.heads[f"{site.name}_logvar"] = head(site, settings.slab_logvar_init)
         for site in (s for s in prior.sites if s.support == "binary"):
-            self.heads[f"{site.name}_logit"] = head(site, gate_logit_start(prior, gate_logit_init))
-        self.tau0, self.beta = float(tau0), float(beta)
-        scale = torch.ones(num_tasks, num_groups) if component_scale is None else component_scale.float()
-        self.register_buffer("component_scale", scale)
-        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+            self.heads[f"{site.name}_logit"] = head(site, gate_logit_start(prior, settings.gate_logit_init))
+        self._register_component_scale(component_scale)
 
     def posterior_params(self, features: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per-sample posterior parameters of every site, each ``[N, *site shape]``.

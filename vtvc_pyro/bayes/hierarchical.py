@@ -28,7 +28,7 @@ Why this shape:
   images, says how often each vector is needed.
 
 How many compositions: the fit tries every K of ``FitConfig.components`` and keeps the lowest val
-NLL (:func:`vtvc_pyro.protocols.transfer.fit_and_predict`).
+NLL (:func:`vtvc_pyro.protocols.fitting.fit_vtvc`).
 
 Guide (site by site the model's sites): q(gate, slab) the paired spike-and-slab with learned
 constants (q(slab | gate = 0) = p(slab)); q(c_i | x_i) from a :class:`PrototypeAssigner` on the
@@ -66,6 +66,8 @@ from torch.distributions.utils import clamp_probs
 from ..compose.engine import Composer
 from ..compose.heads import class_logits
 from .guide import (
+    GatedGuide,
+    GuideSettings,
     gate_logit_start,
     gate_site_probs,
     mlp_head,
@@ -196,60 +198,35 @@ class HierarchicalModel(VTVCModel):
         return lam
 
 
-class HierarchicalGuide(PyroModule):
+class HierarchicalGuide(GatedGuide):
     """The guide of :class:`HierarchicalModel`: global constants for λ̄ and ρ, amortized routes.
 
     Args:
         feature_dim: ``D``, the base image feature size.
         num_tasks, num_groups: ``T`` and ``G``.
         prior: the model's prior of λ̄ (its sites are the guide's global sites).
+        settings: width of the router, keep rule on λ̄'s gates, initial global posterior
+            (:class:`~vtvc_pyro.bayes.guide.GuideSettings`).
         routing: must match the model's.
-        gate_rule: apply the keep rule (:func:`~vtvc_pyro.bayes.guide.keep_rule`) to λ̄'s gates at
-            prediction time.
         route_a, route_b: the model's Beta prior; q(ρ) starts there and the router's output bias at
             its mean a / (a + b).
         components: the model's K; q(c_i | x_i) comes from a :class:`PrototypeAssigner`, and each
             component's slab starts at ``slab_mean_init`` plus a little noise (symmetry breaking).
-        hidden: hidden width of the router (default ``max(D // 4, T)``).
-        tau0, beta, component_scale: the keep rule's threshold and ``[T, G]`` relative task-vector sizes.
-        init_std: std of the router's initial weights.
-        slab_mean_init, gate_logit_init, slab_logvar_init: the initial global posterior (slab mean,
-            gate logit (``None``: the prior's inclusion logit), slab log-variance).
-        logvar_min, logvar_max: clamp of the log-variances.
+        component_scale: ``[T, G]`` relative task-vector sizes (the keep rule's importance).
+        overrides: :class:`~vtvc_pyro.bayes.guide.GuideSettings` fields by name, applied over ``settings``.
     """
 
-    def __init__(
-        self,
-        feature_dim: int,
-        num_tasks: int,
-        num_groups: int,
-        prior: Prior,
-        routing: bool = True,
-        gate_rule: bool = True,
-        route_a: float = 1.0,
-        route_b: float = 1.0,
-        components: int = 1,
-        hidden: int | None = None,
-        tau0: float = 0.05,
-        beta: float = 1.0,
-        component_scale: torch.Tensor | None = None,
-        init_std: float = 0.01,
-        slab_mean_init: float = 0.0,
-        gate_logit_init: float | None = None,
-        slab_logvar_init: float = -4.0,
-        logvar_min: float = -8.0,
-        logvar_max: float = 2.0,
-    ):
-        super().__init__()
-        self.num_tasks, self.num_groups = num_tasks, num_groups
-        self.prior, self.routing, self.components = prior, routing, int(components)
+    def __init__(self, feature_dim: int, num_tasks: int, num_groups: int, prior: Prior,
+                 settings: GuideSettings | None = None, routing: bool = True, route_a: float = 1.0,
+                 route_b: float = 1.0, components: int = 1, component_scale: torch.Tensor | None = None, **overrides):
+        settings = GuideSettings.of(settings, **overrides)
+        super().__init__(num_tasks, num_groups, prior, settings)
+        self.routing, self.components = routing, int(components)
         lead = (self.components,) if self.components > 1 else ()
-        self.gate_rule = gate_rule and prior.has_gate
         self.route_a, self.route_b = float(route_a), float(route_b)
-        self.tau0, self.beta = float(tau0), float(beta)
-        self.logvar_min, self.logvar_max = logvar_min, logvar_max
-        scale = torch.ones(num_tasks, num_groups) if component_scale is None else component_scale.float()
-        self.register_buffer("component_scale", scale)
+        self._register_component_scale(component_scale)
+        slab_mean_init, slab_logvar_init = settings.slab_mean_init, settings.slab_logvar_init
+        gate_logit_init, hidden, init_std = settings.gate_logit_init, settings.hidden, settings.init_std
         # the global posterior: learned constants, one per site parameter (optimised at the global lr)
         self.composition = nn.ParameterDict()
         for site in prior.sites:

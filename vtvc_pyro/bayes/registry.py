@@ -17,7 +17,7 @@ import torch
 
 from ..compose.engine import Composer
 from ..errors import ConfigError
-from .guide import GUIDES, make_guide
+from .guide import GUIDES, AmortizedGatedGuide, GuideSettings
 from .hierarchical import HierarchicalGuide, HierarchicalModel
 from .model import VTVCModel
 from .priors import Prior
@@ -30,7 +30,7 @@ MODELS = {
 
 def make_vtvc(model_name: str, guide_name: str, composer: Composer, head: torch.Tensor, prior: Prior,
               feature_dim: int, route_a: float = 1.0, route_b: float = 1.0, components: int = 1, routing: bool = True,
-              **guide_kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+              settings: GuideSettings | None = None, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Build a registered model and its guide.
 
     Args:
@@ -39,25 +39,24 @@ def make_vtvc(model_name: str, guide_name: str, composer: Composer, head: torch.
         route_a, route_b: the hierarchical model's Beta prior of the use rates.
         components: the hierarchical model's number of global compositions K (1: one).
         routing: the hierarchical model's per-image routing (the ``global`` guide has none).
-        guide_kwargs: ``hidden``, ``tau0``, ``beta``, ``slab_mean_init``, ``gate_logit_init``,
-            ``slab_logvar_init``, ``init_std``.
+        settings: the guide's :class:`~vtvc_pyro.bayes.guide.GuideSettings` (``gate_rule`` comes from
+            the guide's name); ``overrides``: its fields by name (``hidden=64``).
     """
     if model_name not in MODELS:
         raise ConfigError(f"unknown model {model_name!r}: choose one of {', '.join(MODELS)}")
     if guide_name not in GUIDES:
         raise ConfigError(f"unknown guide {guide_name!r}: choose one of {', '.join(GUIDES)}")
-    scale = composer.component_scales()
+    settings = GuideSettings.of(settings, **overrides, gate_rule=GUIDES[guide_name]["gate_rule"])
     dims = dict(feature_dim=feature_dim, num_tasks=composer.num_tasks, num_groups=composer.num_groups, prior=prior,
-                component_scale=scale)
+                settings=settings, component_scale=composer.component_scales())
     if model_name == "flat":
         if not GUIDES[guide_name]["amortized"]:
             raise ConfigError("the global guide is task-level inference, which the flat model has no latent for: "
                               "use --model hierarchical --guide global")
-        return VTVCModel(composer, head, prior), make_guide(guide_name, **dims, **guide_kwargs)
+        return VTVCModel(composer, head, prior), AmortizedGatedGuide(**dims, amortized=True)
     if not GUIDES[guide_name]["amortized"]:  # task-level VI: one composition, nothing per image
         routing, components = False, 1
     model = HierarchicalModel(composer, head, prior, routing=routing, route_a=route_a, route_b=route_b,
                               components=components)
-    guide = HierarchicalGuide(**dims, routing=routing, gate_rule=GUIDES[guide_name]["gate_rule"], route_a=route_a,
-                              route_b=route_b, components=components, **guide_kwargs)
+    guide = HierarchicalGuide(**dims, routing=routing, route_a=route_a, route_b=route_b, components=components)
     return model, guide

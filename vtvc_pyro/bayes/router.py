@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from ..compose.engine import Composer
 from ..config import SVIConfig
 from ..data.batches import minibatch_indices
+from ..data.split import Split
 from ..progress import track
 from .hierarchical import HierarchicalGuide, HierarchicalModel
 from .priors import make_prior
-from .svi import mean_probs, parameter_groups, unpack
+from .predictive import mean_probs
+from .svi import parameter_groups
 
 ROUTER_LR_FACTORS = (0.5, 1.0, 2.0)
 """The router's learning-rate grid, relative to VTVC's ``svi.lr``, each with the full step budget."""
@@ -55,21 +57,20 @@ def make_router(composer: Composer, head: torch.Tensor, feature_dim: int, compon
     return model.to(head.device), guide.to(head.device)
 
 
-def _val_nll(model, guide, val) -> float:
-    images, features, labels, classes = unpack(val)
-    probs = mean_probs(model, guide, images, features, classes=classes)
-    return float(-probs.gather(-1, labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
+def _val_nll(model, guide, val: Split) -> float:
+    probs = mean_probs(model, guide, val.images, val.features, classes=val.classes)
+    return float(-probs.gather(-1, val.labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
 
 
-def fit_router(model, guide: HierarchicalGuide, train: tuple, val: tuple, cfg: SVIConfig, seed: int = 0,
+def fit_router(model, guide: HierarchicalGuide, train: Split, val: Split, cfg: SVIConfig, seed: int = 0,
                progress: bool = False) -> RouterFit:
     """Train ``guide.mean_coefficients`` by cross-entropy; on return the guide holds the best-on-val state.
 
     Args:
-        train, val: ``(images, features, labels[, classes])`` as for :func:`~vtvc_pyro.bayes.svi.fit_svi`.
+        train, val: as for :func:`~vtvc_pyro.bayes.svi.fit_svi`.
         cfg: VTVC's SVI settings (steps, batch size, rates, decay, clipping, eval_every).
     """
-    images, features, labels, classes = unpack(train)
+    images, features, labels, classes = train.images, train.features, train.labels, train.classes
     guide.initialize(features, seed=seed)
     opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
@@ -102,14 +103,14 @@ def fit_router(model, guide: HierarchicalGuide, train: tuple, val: tuple, cfg: S
     return result
 
 
-def tuned_router(composer: Composer, head: torch.Tensor, train: tuple, val: tuple, cfg: SVIConfig,
+def tuned_router(composer: Composer, head: torch.Tensor, train: Split, val: Split, cfg: SVIConfig,
                  components: list[int], hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0,
                  progress: bool = False, lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
     """:func:`fit_router` for every candidate number of compositions and learning rate; the lowest val NLL wins."""
     fits = {}
     for k in components:
         for factor in lr_factors:
-            model, guide = make_router(composer, head, train[1].shape[1], k, hidden, slab_mean_init, seed)
+            model, guide = make_router(composer, head, train.features.shape[1], k, hidden, slab_mean_init, seed)
             fits[(k, cfg.lr * factor)] = fit_router(model, guide, train, val, replace(cfg, lr=cfg.lr * factor), seed,
                                                     progress)
     best_key = min(fits, key=lambda key: fits[key].best_val_nll)

@@ -1,12 +1,17 @@
-"""SVI for VTVC: the loop (Pyro's ``svi_torch`` pattern), checkpoints, and the predictive.
+"""SVI for VTVC: the loop (Pyro's ``svi_torch`` pattern) and its named steps.
 
 The ELBO is an ``nn.Module`` (``Trace_ELBO()(model, guide)``) trained with a torch optimiser:
 AdamW, cosine schedule, gradient clipping; the global posterior's constants (the hierarchical
 model's ``composition``) are optimised at ``global_lr`` without weight decay, the budget of the
 aTLAS baseline's shared coefficients. Every ``eval_every`` steps the Monte Carlo predictive (the one
-that is reported) is scored on val and the state with the lowest val NLL is kept. Every step can be
-watched as it goes: a row of ``history.csv`` (:mod:`vtvc_pyro.bayes.history`) and the progress bar
-or, off a terminal, a few plain lines (:mod:`vtvc_pyro.progress`).
+that is reported, :mod:`.predictive`) is scored on val and the state with the lowest val NLL is kept.
+Every step can be watched as it goes: a row of ``history.csv`` (:mod:`vtvc_pyro.bayes.history`) and
+the progress bar or, off a terminal, a few plain lines (:mod:`vtvc_pyro.progress`).
+
+Usage::
+
+    fit = fit_svi(model, guide, train, val, SVIConfig(steps=300))   # train, val: Split
+    fit.best_step, fit.best_val_nll
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from .. import distributed
 from ..config import SVIConfig
 from ..data.batches import MinibatchSampler
+from ..data.split import Split
 from ..errors import ConfigError, FitInterrupted, NumericalError
 from ..progress import track
 from .checkpoint import load_training_state, save_training_state
-from .guide import AmortizedGatedGuide
 from .history import History, elbo_split, kept_fraction
-from .model import VTVCModel
+from .predictive import predictive_scores
 
 log = logging.getLogger(__name__)
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+HISTORY_KEYS = ("elbo_trace", "val_history", "best_step", "best_score", "best_val_accuracy", "best_val_nll")
+"""The :class:`FitResult` fields a checkpoint carries."""
 
 
 @dataclass
@@ -65,13 +73,6 @@ def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1) -> float:
     return weight * min(1.0, step / cfg.kl_anneal_steps)
 
 
-def unpack(split: tuple) -> tuple:
-    """``(images, features, labels, classes)`` of a split given as 3 tensors or 4 (``classes [N, C]``
-    bool: the classes each image may take, as in task addition; ``None`` when absent)."""
-    images, features, labels, *rest = split
-    return images, features, labels, (rest[0] if rest else None)
-
-
 def image_only(guide: Callable) -> Callable:
     """The guide as SVI calls it: with the model's arguments minus ``classes`` and ``labels``.
 
@@ -83,76 +84,6 @@ def image_only(guide: Callable) -> Callable:
         return guide(images, features, None, *args, **kwargs)
 
     return call
-
-
-def _rows(x: torch.Tensor | None, i: int, j: int) -> torch.Tensor | None:
-    return None if x is None else x[i:j]
-
-
-@torch.no_grad()
-def mean_probs(model: VTVCModel, guide: AmortizedGatedGuide, images, features, batch_size: int = 256,
-               classes: torch.Tensor | None = None) -> torch.Tensor:
-    """Class probabilities ``[N, C]`` from the deterministic gated mean coefficients (``classes``: see :func:`unpack`)."""
-    guide.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        lam = guide.mean_coefficients(features[i : i + batch_size])
-        out.append(torch.softmax(model.logits(images[i : i + batch_size], lam, _rows(classes, i, i + batch_size)), -1))
-    return torch.cat(out)
-
-
-def predictive_scores(model, guide, val, num_samples: int, temperature: float, seed: int = 0) -> dict[str, float]:
-    """NLL and accuracy of the Monte Carlo predictive on ``val = (images, features, labels[, classes])``.
-
-    The draws use their own seed (common random numbers across checkpoints) and leave the
-    training RNG untouched.
-    """
-    images, features, labels, classes = unpack(val)
-    device = features.device  # the features: images may be a lazily decoded view
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        probs = sample_probs(model, guide, images, features, num_samples, temperature, generator_seed=seed,
-                             classes=classes)[0].mean(0)
-    labels = labels.to(probs.device)
-    nll = -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean()
-    return {"nll": float(nll), "accuracy": float((probs.argmax(-1) == labels).float().mean())}
-
-
-@torch.no_grad()
-def sample_draws(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
-                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None,
-                 progress: bool = False, desc: str = "predictive"):
-    """Monte Carlo predictive with every posterior site.
-
-    Images are taken in chunks so that at most ``max_copies`` composed towers (draws × images)
-    exist at once; the global sites are drawn once and shared by every chunk, so draw ``s`` is one
-    joint posterior draw. ``classes [N, C]`` (optional): each image's class set, as in :func:`unpack`.
-    ``progress``: show the chunks (:func:`~vtvc_pyro.progress.track`, named ``desc``).
-
-    Returns:
-        ``probs [S, N, C]`` per draw, ``local`` (``lam``, ``inclusion`` ``[S, N, T, G]`` and the
-        per-image sites, each ``[S, N, ...]``) and ``shared`` (the global sites, ``[S, ...]``).
-    """
-    batch_size = max(1, max_copies // num_samples)
-    guide.eval()
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    probs, chunks, shared = [], [], None
-    for i in track(range(0, len(images), batch_size), desc, enabled=progress, leave=False):
-        with pyro.validation_enabled(False):  # a diverged fit evaluates to NaN instead of raising (see fit_svi)
-            local, shared = guide.sample_posterior(features[i : i + batch_size], num_samples, temperature, shared)
-        logits = model.logits(images[i : i + batch_size], local["lam"], _rows(classes, i, i + batch_size))
-        probs.append(torch.softmax(logits, -1))
-        chunks.append(local)
-    local = {name: torch.cat([c[name] for c in chunks], 1) for name in chunks[0]}
-    return torch.cat(probs, 1), local, shared
-
-
-def sample_probs(model, guide, images, features, num_samples: int = 20, temperature: float = 0.01,
-                 max_copies: int = 512, generator_seed: int | None = None, classes: torch.Tensor | None = None):
-    """:func:`sample_draws` reduced to ``probs [S, N, C]``, ``lam [S, N, T, G]`` and the inclusion ``[S, N, T, G]``."""
-    probs, local, _ = sample_draws(model, guide, images, features, num_samples, temperature, max_copies,
-                                   generator_seed, classes)
-    return probs, local["lam"], local["inclusion"]
 
 
 def parameter_groups(guide: torch.nn.Module, cfg: SVIConfig) -> list[dict]:
@@ -169,7 +100,7 @@ def parameter_groups(guide: torch.nn.Module, cfg: SVIConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def evaluate_checkpoint(model, guide, val, cfg: SVIConfig, score: Callable | None, seed: int) -> dict:
+def evaluate_checkpoint(model, guide, val: Split, cfg: SVIConfig, score: Callable | None, seed: int) -> dict:
     """The val record of the current state: ``val_score`` (higher is better) plus what it is made of."""
     if score is not None:
         return {"val_score": float(score(model, guide, val))}
@@ -200,26 +131,211 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def fit_svi(
-    model: VTVCModel,
-    guide: AmortizedGatedGuide,
-    train: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    cfg: SVIConfig,
-    checkpoint_path: Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    score: Callable | None = None,
-    seed: int = 0,
-    history_path: Path | None = None,
-    tensorboard_dir: Path | None = None,
-) -> FitResult:
+# ---------------------------------------------------------------- one fit's state and its steps
+@dataclass
+class _Fit:
+    """What one fit holds from step to step."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    train: Split
+    val: Split
+    cfg: SVIConfig
+    seed: int
+    loss_fn: Callable
+    params: list[torch.Tensor]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    global_group: int | None  # the optimiser group of the global posterior's constants, if any
+    sampler: MinibatchSampler
+    result: FitResult = field(default_factory=FitResult)
+    best_state: dict = field(default_factory=dict)
+    first: int = 1  # the first step this process runs (after a resume: the checkpoint's step + 1)
+    multi: bool = False  # under torchrun: data parallel over the guide (see vtvc_pyro.distributed)
+
+
+@dataclass
+class _Step:
+    """What one optimisation step measured, and the batch it used (the history's ELBO split reuses it)."""
+
+    elbo: float
+    grad_norm: float
+    lrs: dict
+    parts: tuple[torch.Tensor, ...]
+    settings: dict
+
+
+def _start(model, guide, train: Split, val: Split, cfg: SVIConfig, seed: int) -> _Fit:
+    """Seed, set up data parallelism, and build the ELBO, optimiser, schedule and sampler."""
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    multi = distributed.active()
+    if multi:
+        distributed.broadcast_module(guide)
+        torch.manual_seed(seed + 7919 * distributed.rank())  # independent posterior draws per rank
+        if cfg.batch_size % distributed.world_size():
+            log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
+                        cfg.batch_size, distributed.world_size())
+    # a guide that enumerates a discrete site (the mixture's component) needs the enumerating ELBO
+    elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
+    loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
+                       max_plate_nesting=1)(model, image_only(guide))
+    groups = parameter_groups(guide, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    return _Fit(model, guide, train, val, cfg, seed, loss_fn, [p for p in guide.parameters() if p.requires_grad],
+                opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps),
+                len(groups) - 1 if "lr" in groups[-1] else None,  # the composition group is last when present
+                MinibatchSampler(len(train), cfg.batch_size, seed),
+                best_state={k: v.detach().clone() for k, v in guide.state_dict().items()}, multi=multi)
+
+
+def _restore(fit: _Fit, path: Path | None) -> None:
+    """Continue ``fit`` from the checkpoint at ``path``."""
+    if path is None or not path.is_file():
+        raise ConfigError(f"nothing to resume: {path} does not exist; start without --resume")
+    saved = load_training_state(path, fit.guide, fit.opt, fit.sched)
+    fit.sampler.load(saved["sampler"])
+    fit.best_state = saved["best_state"]
+    for key, value in saved["history"].items():
+        setattr(fit.result, key, value)
+    fit.first = saved["step"] + 1
+    log.info("resuming at step %d", fit.first)
+    if fit.multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
+        torch.manual_seed(fit.seed + 7919 * distributed.rank() + fit.first)
+
+
+def _batch_loss(fit: _Fit, part: torch.Tensor, settings: dict, num_parts: int) -> torch.Tensor:
+    """The negative ELBO of the micro-batch ``part`` (indices), ÷ ``num_parts``; NaN where a
+    distribution refused NaN/Inf parameters (a diverging fit)."""
+    batch = fit.train.rows(part)
+    extra = {} if batch.classes is None else {"classes": batch.classes}
+    try:
+        return fit.loss_fn(batch.images, batch.features, batch.labels, **settings, **extra) / num_parts
+    except ValueError as err:
+        if "invalid values" not in str(err):
+            raise
+        return torch.tensor(float("nan"))
+
+
+def _backward(fit: _Fit, parts: tuple[torch.Tensor, ...], settings: dict) -> tuple[torch.Tensor, bool, float]:
+    """The loss and gradients of one step: ``(loss, finite, gradient norm before clipping)``.
+
+    Gradient accumulation: each micro-batch's ELBO is scaled by num_data / its size, so the mean over
+    equal micro-batches is the whole batch's ELBO; backward per micro-batch frees its graph (the
+    per-sample composed weights) before the next one.
+    """
+    loss, finite = None, True
+    for part in parts:
+        part_loss = _batch_loss(fit, part, settings, len(parts))
+        finite = finite and bool(torch.isfinite(part_loss))
+        if len(parts) > 1 and finite:
+            part_loss.backward()
+        loss = part_loss if len(parts) == 1 else part_loss.detach() + (0 if loss is None else loss)
+    if fit.multi:  # every rank must take the same branch
+        finite = distributed.all_true(finite, fit.train.features.device)
+    grad_norm = math.nan
+    if finite:
+        if len(parts) == 1:
+            loss.backward()
+        distributed.average_gradients(fit.params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(fit.params, fit.cfg.clip_norm))
+        finite = math.isfinite(grad_norm)
+    return loss, finite, grad_norm
+
+
+def _optimisation_step(fit: _Fit, step: int, history: History | None) -> _Step:
+    """One SVI step on a fresh mini-batch; a non-finite one is skipped or raises (``cfg.skip_nonfinite``)."""
+    cfg, guide = fit.cfg, fit.guide
+    guide.train()
+    idx = distributed.shard(fit.sampler.next()).to(fit.train.features.device)
+    fit.opt.zero_grad(set_to_none=True)
+    parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
+    settings = {"num_data": len(fit.train), "kl_weight": kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
+                "temperature": cfg.train_temperature}
+    loss, finite, grad_norm = _backward(fit, parts, settings)
+    lrs = {"lr": fit.opt.param_groups[0]["lr"],  # the rates this step used (before sched.step)
+           "global_lr": None if fit.global_group is None else fit.opt.param_groups[fit.global_group]["lr"]}
+    if finite:
+        fit.opt.step()
+    elif cfg.skip_nonfinite:
+        log.warning("skipping step %d: non-finite loss or gradient", step)
+        fit.opt.zero_grad(set_to_none=True)
+    else:
+        if history is not None:
+            history.write(step, elbo=-float(loss.item()), grad_norm=grad_norm, **lrs)
+        raise NumericalError(f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
+                             "checkpoint is kept: lower --svi.lr, or pass --svi.skip_nonfinite true to skip such steps")
+    fit.sched.step()
+    elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
+    if fit.multi:
+        elbo = distributed.mean_scalar(elbo, fit.train.features.device)
+    fit.result.elbo_trace.append(elbo)
+    return _Step(elbo, grad_norm, lrs, parts, settings)
+
+
+def _elbo_parts(fit: _Fit, taken: _Step) -> dict:
+    """The history's ``log_likelihood`` and ``kl`` of the step's batch: an extra forward, so eval
+    steps only; per micro-batch as the loss (each scaled to the whole data set: their mean is the batch's)."""
+    splits = []
+    for part in taken.parts:
+        batch = fit.train.rows(part)
+        extra = {} if batch.classes is None else {"classes": batch.classes}
+        splits.append(elbo_split(fit.model, image_only(fit.guide), batch.images, batch.features, batch.labels,
+                                 **taken.settings, **extra))
+    return {"log_likelihood": sum(s[1] for s in splits) / len(splits), "kl": sum(s[2] for s in splits) / len(splits)}
+
+
+def _evaluate(fit: _Fit, step: int, elbo: float, score: Callable | None) -> dict:
+    """Score the current state on val, record it, and keep it if it is the best so far."""
+    record = evaluate_checkpoint(fit.model, fit.guide, fit.val, fit.cfg, score, fit.seed)
+    result = fit.result
+    result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None, **record})
+    if record["val_score"] > result.best_score:
+        result.best_score, result.best_step = record["val_score"], step
+        result.best_val_accuracy = record.get("val_accuracy", -1.0)
+        result.best_val_nll = record.get("val_nll", math.inf)
+        fit.best_state = {k: v.detach().clone() for k, v in fit.guide.state_dict().items()}
+    return {k: record.get(k) for k in ("val_nll", "val_accuracy", "val_score")}
+
+
+def _save(fit: _Fit, path: Path, step: int) -> None:
+    """The full training state after ``step`` (rank 0 writes it)."""
+    if distributed.is_main():
+        history = {k: getattr(fit.result, k) for k in HISTORY_KEYS}
+        save_training_state(path, step, fit.guide, fit.best_state, fit.opt, fit.sched, fit.sampler.state(), history)
+
+
+def _checkpoint_or_stop(fit: _Fit, step: int, stop: _StopRequest, path: Path | None) -> None:
+    """Write the checkpoint when it is due or a signal arrived; then stop on that signal."""
+    if fit.multi and distributed.any_true(stop.signal is not None, fit.train.features.device):
+        stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step
+    if path is not None and (step % fit.cfg.checkpoint_every == 0 or step == fit.cfg.steps or stop.signal):
+        _save(fit, path, step)
+    if stop.signal:
+        saved = "checkpoint written; continue with --resume" if path else "no checkpoint was asked for"
+        raise FitInterrupted(f"{stop.signal} at SVI step {step}: {saved}")
+
+
+def _finish(fit: _Fit, seconds: float) -> FitResult:
+    """Load the best state into the guide and fill in the throughput."""
+    result = fit.result
+    result.seconds = seconds
+    done = fit.cfg.steps - fit.first + 1
+    result.samples_per_second = (done * min(fit.cfg.batch_size, len(fit.train)) * fit.cfg.num_particles
+                                 / max(seconds, 1e-9))
+    fit.guide.load_state_dict(fit.best_state)
+    fit.guide.eval()
+    return result
+
+
+def fit_svi(model, guide, train: Split, val: Split, cfg: SVIConfig, checkpoint_path: Path | None = None,
+            resume: bool = False, progress: bool = True, score: Callable | None = None, seed: int = 0,
+            history_path: Path | None = None, tensorboard_dir: Path | None = None) -> FitResult:
     """Fit the guide by SVI; on return the guide holds the best-on-val state.
 
     Args:
-        train, val: ``(images [N,3,H,W], features [N,D], labels [N])`` on the model's device, plus
-            optionally ``classes [N, C]`` bool (each image's class set, for the likelihood only:
-            the guide never sees it, :func:`image_only`).
+        train, val: on the model's device; their ``classes`` (each image's class set) reach the
+            likelihood only: the guide never sees them (:func:`image_only`).
         checkpoint_path: the full training state (guide, optimizer, scheduler, RNG, sampler,
             history) is written there every ``checkpoint_every`` steps and on SIGINT/SIGTERM.
         resume: continue from ``checkpoint_path``; with the same seed the result equals an
@@ -239,136 +355,25 @@ def fit_svi(
         FitInterrupted: SIGINT/SIGTERM arrived; the checkpoint holds the last finished step.
     """
     cfg.validate()
-    pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    images, features, labels, classes = unpack(train)
-    multi = distributed.active()  # torchrun: data parallel over the guide (see vtvc_pyro.distributed)
-    if multi:
-        distributed.broadcast_module(guide)
-        torch.manual_seed(seed + 7919 * distributed.rank())  # independent posterior draws per rank
-        if cfg.batch_size % distributed.world_size():
-            log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
-                        cfg.batch_size, distributed.world_size())
-    # a guide that enumerates a discrete site (the mixture's component) needs the enumerating ELBO
-    elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
-    loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
-                       max_plate_nesting=1)(model, image_only(guide))
-    params = [p for p in guide.parameters() if p.requires_grad]
-    groups = parameter_groups(guide, cfg)
-    global_group = len(groups) - 1 if "lr" in groups[-1] else None  # the composition group, last when present
-    opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    sampler = MinibatchSampler(len(images), cfg.batch_size, seed)
-    result = FitResult()
-    best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
-    first = 1
+    fit = _start(model, guide, train, val, cfg, seed)
     if resume:
-        if checkpoint_path is None or not checkpoint_path.is_file():
-            raise ConfigError(f"nothing to resume: {checkpoint_path} does not exist; start without --resume")
-        saved = load_training_state(checkpoint_path, guide, opt, sched)
-        sampler.load(saved["sampler"])
-        best_state = saved["best_state"]
-        for key, value in saved["history"].items():
-            setattr(result, key, value)
-        first = saved["step"] + 1
-        log.info("resuming at step %d", first)
-        if multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
-            torch.manual_seed(seed + 7919 * distributed.rank() + first)
-
-    def save(step: int) -> None:
-        if not distributed.is_main():
-            return
-        history = {k: getattr(result, k) for k in ("elbo_trace", "val_history", "best_step", "best_score",
-                                                     "best_val_accuracy", "best_val_nll")}
-        save_training_state(checkpoint_path, step, guide, best_state, opt, sched, sampler.state(), history)
-
-    start = time.time()
+        _restore(fit, checkpoint_path)
     desc = f"svi K={guide.components}" if hasattr(guide, "components") else "svi"  # candidates tell apart
-    bar = track(range(first, cfg.steps + 1), desc, total=cfg.steps, initial=first - 1,
-                enabled=progress and distributed.is_main())
+    bar = track(range(fit.first, cfg.steps + 1), desc, total=cfg.steps,
+                initial=fit.first - 1, enabled=progress and distributed.is_main())
     watched = distributed.is_main() and (history_path is not None or tensorboard_dir is not None)
-    history = History(history_path, first, tensorboard_dir) if watched else None
+    history = History(history_path, fit.first, tensorboard_dir) if watched else None
+    start = time.time()
     with _StopRequest() as stop, history or contextlib.nullcontext():
         for step in bar:
-            guide.train()
-            idx = distributed.shard(sampler.next()).to(images.device)
-            opt.zero_grad(set_to_none=True)
-            # gradient accumulation: each micro-batch's ELBO is scaled by num_data / its size, so the
-            # mean over equal micro-batches is the whole batch's ELBO; backward per micro-batch
-            # frees its graph (the per-sample composed weights) before the next one
-            parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
-            loss, finite, grad_norm = None, True, math.nan
-            settings = {"num_data": len(images), "kl_weight": kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                        "temperature": cfg.train_temperature}
-            for part in parts:
-                try:
-                    extra = {} if classes is None else {"classes": classes[part]}
-                    part_loss = loss_fn(images[part], features[part], labels[part], **settings, **extra) / len(parts)
-                except ValueError as err:  # a distribution refused NaN/Inf parameters
-                    if "invalid values" not in str(err):
-                        raise
-                    part_loss = torch.tensor(float("nan"))
-                finite = finite and bool(torch.isfinite(part_loss))
-                if len(parts) > 1 and finite:
-                    part_loss.backward()
-                loss = part_loss if len(parts) == 1 else part_loss.detach() + (0 if loss is None else loss)
-            if multi:  # every rank must take the same branch
-                finite = distributed.all_true(finite, features.device)
-            if finite:
-                if len(parts) == 1:
-                    loss.backward()
-                distributed.average_gradients(params)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))  # the norm before clipping
-                finite = math.isfinite(grad_norm)
-            lrs = {"lr": opt.param_groups[0]["lr"],  # the rates this step used (before sched.step)
-                   "global_lr": None if global_group is None else opt.param_groups[global_group]["lr"]}
-            if not finite:
-                if not cfg.skip_nonfinite:
-                    if history is not None:
-                        history.write(step, elbo=-float(loss.item()), grad_norm=grad_norm, **lrs)
-                    raise NumericalError(
-                        f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
-                        "checkpoint is kept: lower --svi.lr, or pass --svi.skip_nonfinite true to skip such steps"
-                    )
-                log.warning("skipping step %d: non-finite loss or gradient", step)
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt.step()
-            sched.step()
-            elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
-            if multi:
-                elbo = distributed.mean_scalar(elbo, features.device)
-            result.elbo_trace.append(elbo)
-            row = {"elbo": elbo, "grad_norm": grad_norm, **lrs}
+            taken = _optimisation_step(fit, step, history)
+            row = {"elbo": taken.elbo, "grad_norm": taken.grad_norm, **taken.lrs}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                if history is not None:  # an extra forward on the step's mini-batch, so on eval steps only
-                    # per micro-batch, as the loss (each is scaled to the whole data set: their mean is the batch's)
-                    splits = [elbo_split(model, image_only(guide), images[part], features[part], labels[part],
-                                         **settings, **({} if classes is None else {"classes": classes[part]}))
-                              for part in parts]
-                    row["log_likelihood"] = sum(s[1] for s in splits) / len(splits)
-                    row["kl"] = sum(s[2] for s in splits) / len(splits)
-                record = evaluate_checkpoint(model, guide, val, cfg, score, seed)
-                row.update({k: record.get(k) for k in ("val_nll", "val_accuracy", "val_score")})
-                result.val_history.append({"step": step, "elbo": elbo if math.isfinite(elbo) else None, **record})
-                bar.set_postfix(elbo=f"{elbo:.1f}", val=f"{record['val_score']:.3f}")
-                if record["val_score"] > result.best_score:
-                    result.best_score, result.best_step = record["val_score"], step
-                    result.best_val_accuracy = record.get("val_accuracy", -1.0)
-                    result.best_val_nll = record.get("val_nll", math.inf)
-                    best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+                if history is not None:
+                    row.update(_elbo_parts(fit, taken))
+                row.update(_evaluate(fit, step, taken.elbo, score))
+                bar.set_postfix(elbo=f"{taken.elbo:.1f}", val=f"{row['val_score']:.3f}")
             if history is not None:
                 history.write(step, **row, kept_fraction=kept_fraction(guide))
-            if multi and distributed.any_true(stop.signal is not None, features.device):
-                stop.signal = stop.signal or "SIGTERM"  # a signal on any rank stops all of them at this step
-            if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.signal):
-                save(step)
-            if stop.signal:
-                saved = "checkpoint written; continue with --resume" if checkpoint_path else "no checkpoint was asked for"
-                raise FitInterrupted(f"{stop.signal} at SVI step {step}: {saved}")
-    result.seconds = time.time() - start
-    done = cfg.steps - first + 1
-    result.samples_per_second = done * min(cfg.batch_size, len(images)) * cfg.num_particles / max(result.seconds, 1e-9)
-    guide.load_state_dict(best_state)
-    guide.eval()
-    return result
+            _checkpoint_or_stop(fit, step, stop, checkpoint_path)
+    return _finish(fit, time.time() - start)

@@ -24,14 +24,14 @@ def fit(opts, build: Callable) -> None:
     if opts.list_priors or opts.list_guides or opts.list_baselines:
         return _list_registries(opts)
     from .. import distributed
-    from ..protocols.transfer import default_out, format_table, plan_fit, run_fit
+    from ..protocols.fit import default_out, format_table, plan_fit, run_fit
     from ..report import build_report
 
     cfg = build(config.FitConfig, opts)
     if opts.dry_run:
         print(json.dumps(plan_fit(cfg), indent=2))
         return
-    out = Path(opts.out) if opts.out else default_out(cfg.target if cfg.protocol == "transfer" else "addition")
+    out = Path(opts.out) if opts.out else default_out(cfg)
     metrics = run_fit(cfg, out, overwrite=opts.overwrite, resume=opts.resume, progress=not opts.quiet)
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return
@@ -94,8 +94,9 @@ def negate(opts, build: Callable) -> None:
 
 def report(opts, build: Callable) -> None:
     from ..report import build_report
+    from ..run_folder import RunFolder
 
-    _refuse_existing(Path(opts.run_dir) / "summary.json", opts.overwrite, "pass --overwrite to rebuild it and the figures")
+    _refuse_existing(RunFolder(opts.run_dir).summary, opts.overwrite, "pass --overwrite to rebuild it and the figures")
     summary = build_report(opts.run_dir)
     print(f"target {summary['target']}: {summary['draws']} posterior draws, "
           f"{100 * summary['kept_fraction']:.1f} % of components kept")

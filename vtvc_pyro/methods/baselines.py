@@ -19,6 +19,7 @@ import torch
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
 from ..config import ALL_BASELINES
+from ..data.split import Split
 from ..errors import ConfigError
 from .learned import tuned_adamerging, tuned_shared_coefficients
 from .merges import (
@@ -26,7 +27,6 @@ from .merges import (
     choose_on_val,
     predict_shared,
     single_vector_bank,
-    split_classes,
     task_arithmetic,
     ties_merge,
     zero_coefficients,
@@ -46,8 +46,8 @@ class BaselineInputs:
         vectors: the task vectors to compose (the target's own excluded).
         head: ``[C, D]`` zero-shot head of the target (logit scale included); in task addition the
             stacked heads of every task (:class:`~vtvc_pyro.compose.heads.TaskHeads`).
-        train, val: ``(images [N, 3, H, W], labels [N])``, plus ``classes [N, C]`` bool in task
-            addition (each image's own head within the stacked ones).
+        train, val: the learning and selection splits (their ``classes [N, C]`` in task addition:
+            each image's own head within the stacked ones).
         test_images: ``[N_test, 3, H, W]`` (AdaMerging adapts on them, without labels).
         test_classes: ``[N_test, C]`` bool or ``None``, as for ``train``.
         own_vector: a one-task bank with the target's own fine-tuned vector, when the bank has it.
@@ -57,8 +57,8 @@ class BaselineInputs:
     visual: torch.nn.Module
     vectors: TaskVectorBank
     head: torch.Tensor
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
+    train: Split
+    val: Split
     test_images: torch.Tensor
     test_classes: torch.Tensor | None = None
     own_vector: TaskVectorBank | None = None
@@ -159,7 +159,7 @@ def run_baseline(name: str, inputs: BaselineInputs) -> tuple[dict[str, torch.Ten
     composer, lam, info = BASELINES[name](inputs)
     if composer is None:
         return None, info
-    probs = {"val": predict_shared(composer, inputs.head, inputs.val[0], lam, classes=split_classes(inputs.val),
+    probs = {"val": predict_shared(composer, inputs.head, inputs.val.images, lam, classes=inputs.val.classes,
                                    progress=inputs.progress, desc=f"{name} val"),
              "test": predict_shared(composer, inputs.head, inputs.test_images, lam, classes=inputs.test_classes,
                                     progress=inputs.progress, desc=f"{name} test")}

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from ..compose.engine import Composer
 from ..data.batches import minibatch_indices
+from ..data.split import Split
 from ..progress import track
-from .merges import accuracy, class_logits, nll, predict_shared, split_classes
+from .merges import accuracy, class_logits, nll, predict_shared
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +27,16 @@ ADAMERGING_LRS = (1e-3, 1e-2)
 """AdaMerging's learning-rate grid (Adam, the paper's 1e-3 and a faster one)."""
 
 
-def _val_record(composer, head, val, lam, step: int, **extra) -> dict:
-    probs = predict_shared(composer, head, val[0].to(head.device), lam, classes=split_classes(val))
-    return {"step": step, "valnll": nll(probs, val[1]), "valaccuracy": accuracy(probs, val[1]), **extra}
+def _val_record(composer, head, val: Split, lam, step: int, **extra) -> dict:
+    probs = predict_shared(composer, head, val.images.to(head.device), lam, classes=val.classes)
+    return {"step": step, "valnll": nll(probs, val.labels), "valaccuracy": accuracy(probs, val.labels), **extra}
 
 
 def learn_shared_coefficients(
     composer: Composer,
     head: torch.Tensor,
-    train: tuple,
-    val: tuple,
+    train: Split,
+    val: Split,
     steps: int = 600,
     batch_size: int = 64,
     lr: float = 5e-2,
@@ -47,8 +48,8 @@ def learn_shared_coefficients(
     trained with cross-entropy through the frozen head by plain Adam at a constant rate; the
     checkpoint with the lowest val NLL wins.
 
-    ``train``, ``val``: ``(images, labels[, classes])``; ``classes [N, C]`` bool is each image's
-    class set (task addition: its own task's head).
+    ``train``, ``val``: their ``classes [N, C]`` (when set) are each image's class set (task
+    addition: its own task's head); features are not read.
 
     Returns:
         ``lam [T, G]`` and a history dict.
@@ -58,10 +59,10 @@ def learn_shared_coefficients(
     opt = torch.optim.Adam([lam], lr=lr)
     best = _val_record(composer, head, val, lam.detach(), 0)
     best_lam, history = lam.detach().clone(), [best]
-    classes = split_classes(train)
-    for step, idx in enumerate(track(minibatch_indices(len(train[0]), batch_size, steps, seed), f"atlas lr {lr:g}",
+    classes = train.classes
+    for step, idx in enumerate(track(minibatch_indices(len(train), batch_size, steps, seed), f"atlas lr {lr:g}",
                                      total=steps, enabled=progress, leave=False), 1):
-        x, y = train[0][idx].to(device), train[1][idx].to(device)
+        x, y = train.images[idx].to(device), train.labels[idx].to(device)
         mask = None if classes is None else classes[idx].to(device)
         loss = F.cross_entropy(class_logits(composer.shared(x, lam), head, mask), y)
         opt.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@ import torch
 
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
+from ..data.split import Split
 from ..compose.heads import class_logits
 from ..errors import ConfigError
 from ..progress import track
@@ -35,11 +36,6 @@ def predict_shared(composer: Composer, head: torch.Tensor, images: torch.Tensor,
     return torch.cat(out)
 
 
-def split_classes(split: tuple) -> torch.Tensor | None:
-    """The ``classes [N, C]`` of a ``(images, labels[, classes])`` split, ``None`` when it has none."""
-    return split[2] if len(split) > 2 else None
-
-
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(-1) == labels.to(probs.device)).float().mean())
 
@@ -59,24 +55,24 @@ def average_coefficients(composer: Composer, device) -> torch.Tensor:
     return torch.full((composer.num_tasks, composer.num_groups), 1.0 / composer.num_tasks, device=device)
 
 
-def choose_on_val(composer: Composer, head: torch.Tensor, val: tuple, grid: torch.Tensor,
+def choose_on_val(composer: Composer, head: torch.Tensor, val: Split, grid: torch.Tensor,
                   direction: torch.Tensor | None = None, progress: bool = False,
                   desc: str = "λ grid") -> tuple[torch.Tensor, dict]:
     """The ``value · direction`` with the lowest val NLL over ``grid`` (direction: all ones ``[T, G]`` by default).
 
-    ``val``: ``(images, labels[, classes])``. Returns ``lam [T, G]`` and the val NLL and accuracy per
+    ``val``: its ``classes`` (when set) restrict each image to its own head. Returns ``lam [T, G]`` and the val NLL and accuracy per
     grid value (ties: the first in grid order). ``progress``: show the grid (named ``desc``).
     """
     direction = torch.ones(composer.num_tasks, composer.num_groups, device=head.device) if direction is None else direction
-    probs = {round(v, 4): predict_shared(composer, head, val[0], v * direction, classes=split_classes(val))
+    probs = {round(v, 4): predict_shared(composer, head, val.images, v * direction, classes=val.classes)
              for v in track(grid.tolist(), desc, enabled=progress)}
-    nlls = {v: nll(p, val[1]) for v, p in probs.items()}
+    nlls = {v: nll(p, val.labels) for v, p in probs.items()}
     best = min(nlls, key=nlls.get)
     return best * direction, {"valnll_by_lambda": nlls,
-                              "valaccuracy_by_lambda": {v: accuracy(p, val[1]) for v, p in probs.items()}, "lambda": best}
+                              "valaccuracy_by_lambda": {v: accuracy(p, val.labels) for v, p in probs.items()}, "lambda": best}
 
 
-def task_arithmetic(composer: Composer, head: torch.Tensor, val: tuple,
+def task_arithmetic(composer: Composer, head: torch.Tensor, val: Split,
                     grid: torch.Tensor | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """One λ for the sum of all task vectors, chosen on val from ``grid`` (default 0, 0.05, ..., 1).
 

@@ -37,7 +37,9 @@ from ..errors import ConfigError
 from ..io import atomic_write, resolve_device, write_json
 from ..methods.baselines import KNOWN_BASELINES, SEEDED_BASELINES
 from ..report import new_figure, save_figure
-from .transfer import load_target, run_baselines, run_fit, score_methods
+from .fit import run_fit
+from .fitting import run_baselines, score_methods
+from .transfer import load_target
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ def run_cell(grid: GridConfig, out: Path, target: str, method: str, seed: int, s
         seconds = time.time() - start
         if method not in probs:
             return {"target": target, "method": method, "seed": seed, "setting": "", "skipped": True}
-        result = score_methods(probs, tgt.data["val"][2], tgt.data["test"][2], seed=seed)[method]
+        result = score_methods(probs, tgt.data["val"].labels, tgt.data["test"].labels, seed=seed)[method]
     # seconds: the method itself; wall_seconds: the whole cell, loading and writing included
     return {"target": target, "method": method, "setting": setting_label(setting), "seed": seed,
             "val_nll": result["val"]["nll"], "val_accuracy": result["val"]["accuracy"], "seconds": round(seconds, 2),

@@ -15,48 +15,34 @@ Protocol (task_vectors, aTLAS, AdaMerging, TIES, WEMoE):
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .. import distributed
 from ..bank.low_rank import truncate_bank
-from ..bank.store import LoadedBank, build_embedded_bank, load_bank
-from ..bayes.priors import make_prior
+from ..bank.store import LoadedBank
 from ..compose.engine import Composer
 from ..compose.heads import TaskHeads
-from ..config import DEFAULT_BANK, RUN_RECORD, FitConfig
+from ..config import FitConfig
 from ..data.benchmarks import clip_preprocess, concat_images
 from ..data.specs import load_dataset, with_validation
+from ..data.split import Split
 from ..data.suite import TaskData
-from ..diagnostics import save_inference_data
 from ..errors import ConfigError
 from ..evaluate import classification_metrics
-from ..io import resolve_device, save_safetensors, write_json
 from ..methods import baselines
 from ..methods.merges import predict_shared
-from .transfer import (
+from .fitting import (
+    SPLITS,
+    FitProtocol,
     Target,
+    VTVCFit,
     composition_diagnostics,
-    device_description,
-    environment,
-    fit_and_predict,
-    posterior_data,
-    prepare_output,
+    open_bank,
     run_baselines,
     run_router,
 )
-
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
 
 # ---------------------------------------------------------------- data
 def vector_for(spec: str, task: TaskData, names: list[str]) -> str:
@@ -96,75 +82,69 @@ def addition_specs(cfg: FitConfig, bank_tasks: list[str]) -> list[str]:
     return list(bank_tasks)
 
 
-def select_addition(cfg: FitConfig, device: torch.device, progress: bool = False):
-    """The bank with every task's vector (in ``cfg.tasks`` order), the tasks' data sets and heads,
-    and their specs: ``(bank, datasets, heads, specs, data_seed, own)`` (``own``: the untruncated
-    vectors when ``cfg.low_rank`` truncates the bank, else ``None``). Reads files only (builds the
-    embedded bank when it is missing); no base features are computed."""
-    if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
-        build_embedded_bank(DEFAULT_BANK, progress=progress)
-    full = load_bank(cfg.bank, dtype=None, stream=True)
+def select_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+    """The bank with every task's vector (in ``cfg.tasks`` order), the tasks' data sets and stacked
+    heads; ``data`` still empty. ``own_vector``: the untruncated vectors when ``cfg.low_rank``
+    truncates the bank, else ``None``. Reads files only (builds the embedded bank when it is
+    missing); no base features are computed."""
+    full = open_bank(cfg, progress)
     data_seed = full.manifest.get("config", {}).get("seed", 0)
-    specs = addition_specs(cfg, full.vectors.tasks)
-    tasks, vectors = [], []
-    for spec in specs:
+    datasets, vectors = [], []
+    for spec in addition_specs(cfg, full.vectors.tasks):
         task = learning_splits(load_dataset(spec, data_seed, preprocess=clip_preprocess(full.model)), cfg.fit_split,
                                data_seed)
-        tasks.append(task)
+        datasets.append(task)
         vectors.append(vector_for(spec, task, full.vectors.tasks))
     if len(set(vectors)) < len(vectors):
         raise ConfigError(f"two data sets map to the same task vector ({', '.join(vectors)}): list each task once")
     own = full.vectors.select(vectors)
     bank_vectors = truncate_bank(own, rank=cfg.low_rank) if cfg.low_rank else own
     bank = LoadedBank(full.path, full.manifest, full.model.to(device), bank_vectors.to(device), full.heads)
-    heads = TaskHeads(vectors, [bank.head_for(t).to(device) for t in tasks])
+    heads = TaskHeads(vectors, [bank.head_for(t).to(device) for t in datasets])
+    class_names = tuple(f"{name}/{c}" for name, t in zip(vectors, datasets) for c in t.class_names)
     # each task's own fine-tuned vector, never truncated: the reference of the normalized average
-    return bank, tasks, heads, specs, data_seed, (own.to(device) if cfg.low_rank else None)
+    return Target("addition", bank, vectors, TaskData("addition", class_names, ()), heads.weight,
+                  own_vector=own.to(device) if cfg.low_rank else None, data_seed=data_seed, task_index={},
+                  heads=heads, datasets=datasets)
 
 
-def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> tuple[Target, list[TaskData], TaskHeads]:
-    """Every task's data, head and vector as one :class:`~vtvc_pyro.protocols.transfer.Target`.
+def load_addition(cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+    """:func:`select_addition` with every split of every task, as one union on ``device``.
 
-    ``target.data[split]`` is ``(images [N, 3, H, W], features [N, D], labels [N] (columns of the
-    stacked heads), classes [N, C] bool)`` over the union of the tasks in order;
-    ``target.data["task_index"][split]`` holds each image's task ``[N]``.
+    ``target.data[split]`` has labels in the columns of the stacked heads and ``classes [N, C]``
+    (each image's own head); ``target.task_index[split]`` holds each image's task ``[N]``.
     """
-    bank, tasks, heads, specs, data_seed, own = select_addition(cfg, device, progress)
-    vectors = heads.names
+    target = select_addition(cfg, device, progress)
+    heads, specs = target.heads, addition_specs(cfg, target.tasks)
     # with --fit_split val the train/val splits are other subsets: cached under their own names
     cache = [spec if cfg.fit_split == "train" else f"{spec}+fit_split_val" for spec in specs]
-    data, task_index = {}, {}
     for split in SPLITS:
-        parts = [t.split(split) for t in tasks]
+        parts = [t.split(split) for t in target.datasets]
         index = torch.cat([torch.full((len(y),), i, dtype=torch.long) for i, (_, y) in enumerate(parts)]).to(device)
         labels = heads.global_labels(index, torch.cat([y for _, y in parts]).to(device))
-        features = torch.cat([bank.features(t, split, key, progress=progress)
-                              for t, key in zip(tasks, cache)]).to(device)
+        features = torch.cat([target.bank.features(t, split, key, progress=progress)
+                              for t, key in zip(target.datasets, cache)]).to(device)
         images = concat_images([x.to(device) for x, _ in parts])
-        data[split] = (images, features, labels, heads.classes_for(index))
-        task_index[split] = index
-    data["task_index"] = task_index
-    class_names = tuple(f"{name}/{c}" for name, t in zip(vectors, tasks) for c in t.class_names)
-    union = TaskData("addition", class_names, ())
-    return Target(bank, vectors, union, heads.weight, data, own, data_seed), tasks, heads
+        target.data[split] = Split(images, features, labels, heads.classes_for(index))
+        target.task_index[split] = index
+    return target
 
 
 # ---------------------------------------------------------------- methods
 @torch.no_grad()
-def finetuned_probs(target: Target, heads: TaskHeads, granularity: str = "task") -> dict[str, torch.Tensor]:
+def finetuned_probs(target: Target, granularity: str = "task") -> dict[str, torch.Tensor]:
     """Each task's own fine-tuned model (its vector at λ = 1, untruncated: ``target.own_vector`` holds
     the full vectors when the bank is composed at low rank) on its own images: the upper reference."""
     vectors = target.own_vector if target.own_vector is not None else target.bank.vectors
     out = {}
     for split in ("val", "test"):
-        images, _, _, classes = target.data[split]
-        index = target.data["task_index"][split]
-        probs = torch.zeros(len(index), heads.weight.shape[0], device=heads.weight.device)
+        data, index = target.data[split], target.task_index[split]
+        probs = torch.zeros(len(index), target.head.shape[0], device=target.head.device)
         for t, name in enumerate(target.tasks):
             rows = (index == t).nonzero().squeeze(1)
             composer = Composer(target.bank.model.visual, vectors.select([name]), granularity)
-            probs[rows] = predict_shared(composer, heads.weight, images[rows], torch.ones(1, 1, device=probs.device),
-                                         classes=classes[rows])
+            probs[rows] = predict_shared(composer, target.head, data.images[rows],
+                                         torch.ones(1, 1, device=probs.device), classes=data.classes[rows])
         out[split] = probs
     return out
 
@@ -182,7 +162,12 @@ def per_task_metrics(probs: torch.Tensor, labels: torch.Tensor, index: torch.Ten
     return out
 
 
-def score_addition(methods: dict[str, dict], target: Target, heads: TaskHeads, reference: str = "finetuned") -> dict:
+def average_over_tasks(per_task: dict[str, dict]) -> dict:
+    """The mean over tasks of every metric of ``per_task`` (``{task: metrics}``)."""
+    return {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in next(iter(per_task.values()))}
+
+
+def score_addition(methods: dict[str, dict], target: Target, reference: str = "finetuned") -> dict:
     """Per task, average and normalized average (accuracy ÷ ``reference``'s accuracy on that task) of every method.
 
     Returns:
@@ -191,13 +176,11 @@ def score_addition(methods: dict[str, dict], target: Target, heads: TaskHeads, r
     """
     scores = {}
     for name, probs in methods.items():
-        block = {}
+        averages = {}
         for split in ("test", "val"):
-            per_task = per_task_metrics(probs[split], target.data[split][2], target.data["task_index"][split], heads)
-            average = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in next(iter(per_task.values()))}
-            block[split] = {"per_task": per_task, "average": average}
-        scores[name] = {"per_task": block["test"]["per_task"], "average": block["test"]["average"],
-                        "val": block["val"]["average"]}
+            per_task = per_task_metrics(probs[split], target.data[split].labels, target.task_index[split], target.heads)
+            averages[split] = (per_task, average_over_tasks(per_task))
+        scores[name] = {"per_task": averages["test"][0], "average": averages["test"][1], "val": averages["val"][1]}
     if reference in scores:
         ref = {t: m["accuracy"] for t, m in scores[reference]["per_task"].items()}
         for entry in scores.values():
@@ -234,84 +217,6 @@ def routing_diagnostics(lam: torch.Tensor, inclusion: torch.Tensor, index: torch
             "routing_accuracy_by_task": per_task}
 
 
-def stratified_rows(index: torch.Tensor, total: int) -> torch.Tensor:
-    """Up to ``total`` test rows, as many from every task (the first of each), in data set order."""
-    tasks = int(index.max()) + 1
-    per = total // tasks
-    rows = [(index == t).nonzero().squeeze(1)[:per] for t in range(tasks)]
-    rows = torch.cat(rows)
-    return rows if len(rows) or total <= 0 else (index >= 0).nonzero().squeeze(1)[:total]  # fewer than one per task
-
-
-# ---------------------------------------------------------------- the run
-def run_addition(cfg: FitConfig, out: Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
-    """Task addition with VTVC and the baselines; writes config, metrics, guide and posterior to ``out``.
-
-    Returns:
-        the metrics dict (also in ``out/metrics.json``) plus ``timing``.
-    """
-    cfg.validate()
-    out, overwrite = distributed.setup_run(Path(out), overwrite, resume)
-    device = resolve_device(cfg.device)
-    start = time.time()
-    target, datasets, heads = load_addition(cfg, device, progress)
-    fit_settings = json.loads(json.dumps(asdict(cfg)))
-    out = prepare_output(Path(out), fit_settings, overwrite, resume)
-    if not resume:
-        write_json(out / "config.json", {**fit_settings, RUN_RECORD: {
-            "argv": sys.argv, "prior_settings": make_prior(cfg.prior, **cfg.prior_args).settings(),
-            "tasks": target.tasks, "datasets": [t.name for t in datasets],
-            "bank_fingerprint": target.bank.manifest["base_fingerprint"], "data_seed": target.data_seed,
-            "device": device_description(device), "environment": environment(),
-        }})
-    names = baselines.expand_names(cfg.baselines)
-    # each task's own fine-tuned model normalizes the average: always computed
-    methods = {"finetuned": finetuned_probs(target, heads)}
-    shared, extra = run_baselines(cfg, target, [n for n in names if n not in ("finetuned", "router")], progress)
-    methods.update(shared)
-    index = target.data["task_index"]["test"]
-    routing = {}
-    if "router" in names:
-        methods["router"], extra["router"], router = run_router(cfg, target, progress)
-        with torch.no_grad():
-            lam = router.guide.mean_coefficients(target.data["test"][1])[None]  # [1, N, T, G]
-        routing["router"] = routing_diagnostics(lam, torch.ones_like(lam), index, target.tasks)
-    svi_start = time.time()
-    fit, guide, composer, vtvc_methods, draws, val_nll_by_k = fit_and_predict(cfg, target, out, resume, progress)
-    methods.update(vtvc_methods)
-    local = draws[1]
-    lam_s, gate_s = local["lam"], local["inclusion"]
-    routing["vtvc"] = routing_diagnostics(lam_s, gate_s, index, target.tasks)
-    metrics = {
-        "protocol": "addition",
-        "target": "addition",
-        "tasks": target.tasks,
-        "datasets": [t.name for t in datasets],
-        "num_test": {name: int((index == t).sum()) for t, name in enumerate(target.tasks)},
-        "methods": score_addition(methods, target, heads),
-        "routing": routing,
-        "svi": {"components": min(val_nll_by_k, key=val_nll_by_k.get), "val_nll_by_components": val_nll_by_k,
-                "best_step": fit.best_step, "best_val_nll": fit.best_val_nll, "val_history": fit.val_history},
-        "composition": composition_diagnostics(guide, lam_s, gate_s, target),
-        "baselines": extra,
-    }
-    write_json(out / "metrics.json", metrics)
-    timing = {"svi_seconds": round(fit.seconds, 2), "svi_samples_per_second": round(fit.samples_per_second, 1),
-              "vtvc_seconds": round(time.time() - svi_start, 2),
-              "total_seconds": round(time.time() - start, 2)}
-    write_json(out / "timing.json", timing)
-    metrics["timing"] = timing
-    test_labels = target.data["test"][2]
-    save_safetensors({**{name: p["test"].float() for name, p in methods.items()}, "labels": test_labels,
-                      "task_index": index}, out / "predictions.safetensors")
-    rows = stratified_rows(index, cfg.posterior_samples)
-    idata = posterior_data(cfg, draws, rows, test_labels, target.tasks, composer, target.task.class_names, fit,
-                           image_task=index)
-    save_inference_data(idata, out / "posterior.nc")
-    return metrics
-
-
-
 def format_addition(metrics: dict) -> str:
     """A plain-text table: methods x (average accuracy, normalized average, NLL, ECE, routing accuracy)."""
     sizes = metrics["num_test"]
@@ -324,3 +229,79 @@ def format_addition(metrics: dict) -> str:
                     f"{m['average']['nll']:8.4f} {m['average']['ece']:8.4f} "
                     f"{routing.get('routing_accuracy', math.nan):8.4f}")
     return "\n".join(rows)
+
+
+class Addition(FitProtocol):
+    """Task addition (see the module docstring)."""
+
+    name = "addition"
+    summary = "compose every task's vector; one model scores every task's test split with its own head"
+
+    def label(self, cfg: FitConfig) -> str:
+        return "addition"
+
+    def select(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+        return select_addition(cfg, device, progress)
+
+    def load(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+        return load_addition(cfg, device, progress)
+
+    def record(self, target: Target) -> dict:
+        return {"datasets": [t.name for t in target.datasets]}
+
+    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> tuple[dict, dict, dict]:
+        """Each task's own fine-tuned model first (it normalizes the average: always computed), then the
+        shared baselines, then the router with its routing diagnostics."""
+        names = baselines.expand_names(cfg.baselines)
+        methods = {"finetuned": finetuned_probs(target)}
+        shared, extra = run_baselines(cfg, target, [n for n in names if n not in ("finetuned", "router")], progress)
+        methods.update(shared)
+        routing = {}
+        if "router" in names:
+            methods["router"], extra["router"], router = run_router(cfg, target, progress)
+            with torch.no_grad():
+                lam = router.guide.mean_coefficients(target.data["test"].features)[None]  # [1, N, T, G]
+            routing["router"] = routing_diagnostics(lam, torch.ones_like(lam), target.task_index["test"], target.tasks)
+        return methods, extra, routing
+
+    def metrics(self, cfg: FitConfig, target: Target, methods: dict, extra: dict, routing: dict,
+                vtvc: VTVCFit) -> dict:
+        index, local = target.task_index["test"], vtvc.draws.local
+        routing = {**routing, "vtvc": routing_diagnostics(local["lam"], local["inclusion"], index, target.tasks)}
+        return {"protocol": "addition", "target": "addition", "tasks": target.tasks,
+                "datasets": [t.name for t in target.datasets],
+                "num_test": {name: int((index == t).sum()) for t, name in enumerate(target.tasks)},
+                "methods": score_addition(methods, target), "routing": routing,
+                "svi": vtvc.svi_summary(detailed=False),
+                "composition": composition_diagnostics(vtvc.guide, local["lam"], local["inclusion"], target),
+                "baselines": extra}
+
+    def score_test(self, target: Target, probs: torch.Tensor) -> dict:
+        test = target.data["test"]
+        per_task = per_task_metrics(probs, test.labels, target.task_index["test"], target.heads)
+        return {**average_over_tasks(per_task), "per_task": per_task,
+                "where": f"the test splits of its {len(per_task)} tasks (average over tasks, {len(test)} images)"}
+
+    def describe(self, target: Target, split: str) -> str:
+        return f"the {split} splits of {', '.join(t.name for t in target.datasets)}"
+
+    def prediction_head(self, target: Target, task: str | None) -> tuple[torch.Tensor, list[str]]:
+        if task not in target.heads.names:
+            raise ConfigError(f"this is a task-addition run: pass task= one of {', '.join(target.heads.names)} "
+                              "(the head whose classes to predict)")
+        t = target.heads.names.index(task)
+        return target.heads.heads[t], list(target.datasets[t].class_names)
+
+    def plan(self, cfg: FitConfig) -> dict:
+        if not (Path(cfg.bank) / "manifest.json").is_file():
+            return {"tasks": list(cfg.tasks) or "every vector of the bank"}
+        target = select_addition(cfg, torch.device("cpu"))
+        composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+        return {"target": "addition (every task's test split, its own head)", "arch": target.bank.arch,
+                "tasks": target.tasks,
+                "splits": {t.name: {split: len(t.split(split)[1]) for split in SPLITS} for t in target.datasets},
+                "classes": target.heads.offsets[-1], "fit_split": cfg.fit_split,
+                "coefficients": f"{composer.num_tasks} tasks x {composer.num_groups} {cfg.granularity} groups per image"}
+
+    def format(self, metrics: dict) -> str:
+        return format_addition(metrics)

@@ -20,7 +20,6 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -32,17 +31,15 @@ from pathlib import Path
 
 import open_clip
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
-from ..config import FitConfig, SVIConfig
 from ..errors import ConfigError
-from ..evaluate import classification_metrics
 from ..io import atomic_write, save_safetensors, write_json
 from ..methods.merges import predict_shared
-from .transfer import build_vtvc, read_run_config
+from ..run_folder import RunFolder
+from .fit import protocol_for
+from .fitting import fit_config_of, load_guide_from_run
 
 log = logging.getLogger(__name__)
 
@@ -271,44 +268,13 @@ def posterior_mean_coefficients(guide: torch.nn.Module, features: torch.Tensor, 
     return total / len(features)
 
 
-def fit_config_of(fit: dict) -> FitConfig:
-    """The :class:`FitConfig` of a run's recorded settings (keys a newer or older version wrote are dropped)."""
-    known = {f.name for f in dataclasses.fields(FitConfig)}
-    svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
-    settings = {k: v for k, v in fit.items() if k in known}
-    settings.setdefault("model", "flat")  # runs written before the hierarchical model existed
-    return FitConfig(**{**settings, "svi": SVIConfig(**{k: v for k, v in fit.get("svi", {}).items() if k in svi_known})})
-
-
-def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Tensor, feature_dim: int) -> torch.nn.Module:
-    """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``) on ``composer``."""
-    run_dir = Path(run_dir)
-    guide_path = run_dir / "guide.safetensors"
-    if not (run_dir / "config.json").is_file() or not guide_path.is_file():
-        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run `vtvc fit` first")
-    fit, _ = read_run_config(run_dir)
-    with safe_open(str(guide_path), "pt") as f:
-        components = int((f.metadata() or {}).get("components", 1))  # the number the fit chose on val
-    _, guide = build_vtvc(fit_config_of(fit), composer, head, feature_dim, components)
-    guide.load_state_dict(load_file(str(guide_path)))
-    return guide.eval()
-
-
-def _exported_metrics(composer: Composer, target, lam: torch.Tensor, heads=None, progress: bool = False) -> dict:
-    """The exported model's own test metrics: one shared ``lam`` for every test image (addition: the
-    average over tasks, each image scored on its own task's classes)."""
-    images, _, labels, *rest = target.data["test"]
-    classes = rest[0] if rest else None
-    probs = predict_shared(composer, target.head, images, lam, classes=classes, progress=progress,
+def _exported_metrics(protocol, composer: Composer, target, lam: torch.Tensor, progress: bool = False) -> dict:
+    """The exported model's own test metrics: one shared ``lam`` for every test image (task addition:
+    the average over tasks, each image scored on its own task's classes)."""
+    test = target.data["test"]
+    probs = predict_shared(composer, target.head, test.images, lam, classes=test.classes, progress=progress,
                            desc="exported model test")
-    if heads is None:
-        return {**classification_metrics(probs, labels), "where": f"the target's test split ({len(labels)} images)"}
-    from .addition import per_task_metrics
-
-    per_task = per_task_metrics(probs, labels, target.data["task_index"]["test"], heads)
-    average = {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in next(iter(per_task.values()))}
-    return {**average, "per_task": per_task,
-            "where": f"the test splits of its {len(per_task)} tasks (average over tasks, {len(labels)} images)"}
+    return protocol.score_test(target, probs)
 
 
 def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progress: bool = False,
@@ -330,26 +296,18 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
     folder = out.suffix != ".safetensors"
     if folder:
         check_folder(out, overwrite)  # before the work, not after
-    fit, record = read_run_config(run_dir)
-    if not (run_dir / "guide.safetensors").is_file():
-        raise ConfigError(f"{run_dir} holds no finished fit (config.json, guide.safetensors): run `vtvc fit` first")
-    cfg = fit_config_of(fit)
+    run = RunFolder(run_dir)
+    settings, record = run.read_config()
+    run.read_guide()  # a clear error before loading data when the fit did not finish
+    cfg = fit_config_of(settings)
     cfg.device = "cpu"
-    heads = None
-    if cfg.protocol == "addition":
-        from .addition import load_addition
-
-        target, datasets, heads = load_addition(cfg, torch.device("cpu"), progress)
-        what = f"the {split} splits of {', '.join(t.name for t in datasets)}"
-    else:
-        from .transfer import load_target
-
-        target = load_target(cfg, torch.device("cpu"), progress)
-        what = f"{cfg.target} {split}"
+    protocol = protocol_for(cfg.protocol)
+    target = protocol.load(cfg, torch.device("cpu"), progress)
+    what = protocol.describe(target, split)
     if record.get("tasks") and list(record["tasks"]) != list(target.tasks):
         raise ConfigError(f"{run_dir} composed {record['tasks']} but its bank now gives {target.tasks}: "
                           "export with the bank the run was fitted on")
-    features = target.data[split][1]
+    features = target.data[split].features
     bank = target.bank
     composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
     guide = load_guide_from_run(run_dir, composer, target.head, features.shape[1])
@@ -359,9 +317,7 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
     exported = None
     if folder:
         if evaluate:
-            exported = _exported_metrics(composer, target, lam, heads, progress)
-        metrics_path = run_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+            exported = _exported_metrics(protocol, composer, target, lam, progress)
         card = model_card({
             "arch": bank.arch, "base_fingerprint": bank.vectors.base_fingerprint, "bank": cfg.bank,
             "tasks": target.tasks, "lam": lam, "granularity": cfg.granularity,
@@ -369,8 +325,7 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
                        "deterministic posterior coefficients under the fitted guide (gates kept where q(gate) keeps "
                        "them, slabs at their means): λ̄ = mean_i E_q[λ_i]"),
             "command": command if command is not None else command_line(), "run": str(run_dir),
-            "target": "addition" if heads is not None else cfg.target, "protocol": cfg.protocol,
-            "metrics": metrics, "exported": exported,
+            "target": target.label, "protocol": cfg.protocol, "metrics": run.read_metrics_if_any(), "exported": exported,
         })
         provenance = {"format": FORMAT, "base_fingerprint": bank.vectors.base_fingerprint, "tasks": target.tasks,
                       "granularity": cfg.granularity, "source": source, "run": str(run_dir)}

@@ -29,6 +29,7 @@ from ..bayes.svi import fit_svi
 from ..compose.engine import Composer
 from ..config import NegationConfig
 from ..data.specs import load_dataset, with_validation
+from ..data.split import Split
 from ..errors import ConfigError
 from ..io import resolve_device
 from ..methods.merges import predict_shared
@@ -38,23 +39,24 @@ from ..methods.merges import predict_shared
 class NegationData:
     """One split of a forget task and a control task: images, base features, labels, heads."""
 
-    forget: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images [N_f,3,H,W], features [N_f,D], labels [N_f]
-    control: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    forget: Split  # N_f images
+    control: Split  # N_c images
     forget_head: torch.Tensor  # [C_f, D]
     control_head: torch.Tensor  # [C_c, D]
 
-    def union(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def union(self) -> Split:
         """Both tasks in one set; forget labels shifted by ``C_c``."""
         c = self.control_head.shape[0]
-        return (torch.cat([self.forget[0], self.control[0]]), torch.cat([self.forget[1], self.control[1]]),
-                torch.cat([self.forget[2] + c, self.control[2]]))
+        return Split(torch.cat([self.forget.images, self.control.images]),
+                     torch.cat([self.forget.features, self.control.features]),
+                     torch.cat([self.forget.labels + c, self.control.labels]))
 
 
 def accuracies(composer: Composer, data: NegationData, lam: torch.Tensor) -> dict[str, float]:
     """Forget and control accuracy of the tower composed with shared ``lam [1, G]``."""
     out = {}
-    for name, (x, _, y), head in (("forget", data.forget, data.forget_head), ("control", data.control, data.control_head)):
-        out[name] = float((predict_shared(composer, head, x, lam).argmax(-1) == y).float().mean())
+    for name, split, head in (("forget", data.forget, data.forget_head), ("control", data.control, data.control_head)):
+        out[name] = float((predict_shared(composer, head, split.images, lam).argmax(-1) == split.labels).float().mean())
     return out
 
 
@@ -110,9 +112,9 @@ def vtvc_logits(model: NegationModel, guide, images: torch.Tensor, features: tor
     return torch.cat(out)
 
 
-def negation_score(model: NegationModel, guide, val) -> float:
+def negation_score(model: NegationModel, guide, val: Split) -> float:
     """Val selection for :func:`~vtvc_pyro.bayes.svi.fit_svi`: control accuracy minus forget accuracy."""
-    acc = split_accuracies(model, vtvc_logits(model, guide, val[0], val[1]), val[2])
+    acc = split_accuracies(model, vtvc_logits(model, guide, val.images, val.features), val.labels)
     return acc["control"] - acc["forget"]
 
 
@@ -136,7 +138,7 @@ def run_negation(cfg: NegationConfig, progress: bool = False) -> dict:
         parts = []
         for t in (forget, control):
             x, y = tasks[t].split(name)
-            parts.append((x.to(dev), bank.features(tasks[t], name, t).to(dev), y.to(dev)))
+            parts.append(Split(x.to(dev), bank.features(tasks[t], name, t).to(dev), y.to(dev)))
         return NegationData(parts[0], parts[1], heads[forget], heads[control])
 
     data = {name: split(name) for name in ("train", "val", "test")}
@@ -151,15 +153,15 @@ def run_negation(cfg: NegationConfig, progress: bool = False) -> dict:
     prior = make_prior("spike_slab_negative", **cfg.prior_args)
     model = NegationModel(composer, heads[forget], heads[control], prior).to(dev)
     pyro.set_rng_seed(seed)
-    guide = make_guide("amortized_gated", feature_dim=data["train"].forget[1].shape[1], num_tasks=1,
+    guide = make_guide("amortized_gated", feature_dim=data["train"].forget.features.shape[1], num_tasks=1,
                        num_groups=composer.num_groups, prior=prior, gate_logit_init=2.0).to(dev)
     fit = fit_svi(model, guide, data["train"].union(), data["val"].union(), svi, progress=progress, score=negation_score,
                   seed=seed)
     test = data["test"].union()
-    methods["vtvc"] = split_accuracies(model, vtvc_logits(model, guide, test[0], test[1]), test[2])
+    methods["vtvc"] = split_accuracies(model, vtvc_logits(model, guide, test.images, test.features), test.labels)
     with torch.no_grad():
-        lam_f = guide.mean_coefficients(data["test"].forget[1]).mean().item()
-        lam_c = guide.mean_coefficients(data["test"].control[1]).mean().item()
+        lam_f = guide.mean_coefficients(data["test"].forget.features).mean().item()
+        lam_c = guide.mean_coefficients(data["test"].control.features).mean().item()
     return {"forget": forget, "control": control, "methods": methods, "task_arithmetic_lambda": ta_info["lambda"],
             "control_floor_val": ta_info["control_floor"], "vtvc_mean_lambda": {"forget": lam_f, "control": lam_c},
             "vtvc_best_step": fit.best_step, "vtvc_best_val_score": fit.best_score}

@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 
 from .. import backbone
-from ..bayes.svi import sample_draws
+from ..bayes.predictive import sample_draws
 from ..compose.engine import Composer
 from ..data.benchmarks import clip_preprocess
 from ..data.specs import load_dataset, load_image_files, suite_transform
 from ..errors import ConfigError
 from ..evaluate import mutual_information, predictive_entropy
 from ..io import atomic_write, resolve_device
-from .export import fit_config_of, load_guide_from_run
-from .transfer import build_vtvc, read_run_config, select_target
+from ..run_folder import RunFolder
+from .fit import protocol_for
+from .fitting import build_vtvc, fit_config_of, load_guide_from_run
 
 
 @dataclass
@@ -106,35 +107,24 @@ class Predictor:
             task: addition runs: the task whose classes to predict (its head scores the images;
                 the composition is still inferred from the image alone). Transfer runs: ignored.
         """
-        fit, record = read_run_config(run_dir)
-        cfg = fit_config_of(fit)
+        settings, record = RunFolder(run_dir).read_config()
+        cfg = fit_config_of(settings)
         cfg.device = device
         dev = resolve_device(device)
-        if cfg.protocol == "addition":
-            from .addition import select_addition
-
-            bank, datasets, heads, _, data_seed, _ = select_addition(cfg, dev)
-            if task not in heads.names:
-                raise ConfigError(f"{run_dir} is a task-addition run: pass task= one of {', '.join(heads.names)} "
-                                  "(the head whose classes to predict)")
-            t = heads.names.index(task)
-            head, class_names, tasks = heads.heads[t], datasets[t].class_names, heads.names
-            stacked = heads.weight
-        else:
-            target = select_target(cfg, dev)
-            bank, head, class_names, tasks, data_seed = (target.bank, target.head, target.task.class_names,
-                                                         target.tasks, target.data_seed)
-            stacked = head
+        protocol = protocol_for(cfg.protocol)
+        target = protocol.select(cfg, dev)
+        head, class_names = protocol.prediction_head(target, task)
+        bank, tasks = target.bank, target.tasks
         if record.get("tasks") and list(record["tasks"]) != list(tasks):
             raise ConfigError(f"{run_dir} composed {record['tasks']} but its bank now gives {tasks}: "
                               "use the bank the run was fitted on")
         composer = Composer(bank.model.visual, bank.vectors, cfg.granularity)
         feature_dim = bank.model.visual.output_dim
-        guide = load_guide_from_run(run_dir, composer, stacked, feature_dim).to(dev)
+        guide = load_guide_from_run(run_dir, composer, target.head, feature_dim).to(dev)
         model, _ = build_vtvc(cfg, composer, head, feature_dim, guide.components if hasattr(guide, "components") else 1)
         transform = suite_transform() if bank.arch == backbone.TINY_MODEL else clip_preprocess(bank.model)
         return cls(model.to(dev), guide, bank.model, transform, class_names, tasks, cfg.eval_samples,
-                   cfg.svi.eval_temperature, data_seed)
+                   cfg.svi.eval_temperature, target.data_seed)
 
     def load(self, data: str | torch.Tensor, split: str = "test") -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         """``(images [N, 3, H, W], names, labels or None)`` of a tensor, ``imagefolder:PATH`` (any

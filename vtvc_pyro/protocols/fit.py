@@ -1,0 +1,110 @@
+"""Protocols by name, and the one skeleton of a fit: ``run_fit``, its dry run and its table.
+
+Usage::
+
+    from vtvc_pyro import FitConfig, run_fit
+    metrics = run_fit(FitConfig(target="mixed"), "runs/mixed")
+    metrics = run_fit(FitConfig(protocol="addition"), "runs/addition")
+
+Adding a protocol: one module with a :class:`~vtvc_pyro.protocols.fitting.FitProtocol` subclass and
+one line in :data:`PROTOCOLS` (and its name in ``FitConfig.protocol``'s choices).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+from .. import distributed
+from ..bayes.priors import make_prior
+from ..config import DEFAULT_BANK, FitConfig
+from ..errors import ConfigError
+from ..io import resolve_device
+from ..methods import baselines
+from ..run_folder import RunFolder, device_description
+from .addition import Addition
+from .fitting import FitProtocol, fit_vtvc, posterior_data, prediction_tensors, run_record
+from .transfer import Transfer
+
+PROTOCOLS: dict[str, FitProtocol] = {
+    "transfer": Transfer(),
+    "addition": Addition(),
+}
+"""Protocol name -> the protocol (``FitConfig.protocol`` names one)."""
+
+
+def protocol_for(name: str) -> FitProtocol:
+    """The registered protocol ``name``; a clear error for an unknown one."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def default_out(cfg: FitConfig) -> Path:
+    """``runs/<target>-<timestamp>`` (``runs/addition-...`` for task addition)."""
+    label = protocol_for(cfg.protocol).label(cfg)
+    return Path("runs") / f"{label.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    """Fit VTVC and the baselines under ``cfg.protocol``; write the run folder ``out``
+    (:class:`~vtvc_pyro.run_folder.RunFolder`).
+
+    Returns:
+        the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``).
+    """
+    cfg.validate()
+    protocol = protocol_for(cfg.protocol)
+    out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
+    device = resolve_device(cfg.device)
+    start = time.time()
+    target = protocol.load(cfg, device, progress)
+    settings = json.loads(json.dumps(asdict(cfg)))  # JSON-normalised
+    folder = RunFolder(out).prepare(settings, overwrite, resume)  # after every input is known to be usable
+    if not resume:
+        folder.write_config(settings, run_record(cfg, protocol, target, device))
+    methods, extra, routing = protocol.run_baselines(cfg, target, progress)
+    svi_start = time.time()
+    vtvc = fit_vtvc(cfg, target, folder, resume, progress)
+    methods.update(vtvc.methods)
+    vtvc_seconds = time.time() - svi_start
+    metrics = protocol.metrics(cfg, target, methods, extra, routing, vtvc)
+    folder.write_metrics(metrics)  # no timings here: same seed and device, same file
+    timing = {"svi_seconds": round(vtvc.result.seconds, 2),
+              "svi_samples_per_second": round(vtvc.result.samples_per_second, 1),
+              "vtvc_seconds": round(vtvc_seconds, 2), "total_seconds": round(time.time() - start, 2)}
+    folder.write_timing(timing)
+    metrics["timing"] = timing
+    folder.write_predictions(prediction_tensors(target, methods))
+    folder.write_posterior(posterior_data(cfg, target, vtvc))
+    return metrics
+
+
+def plan_fit(cfg: FitConfig) -> dict:
+    """What ``run_fit(cfg)`` would use, resolved without writing anything (``vtvc fit --dry_run``).
+
+    Returns:
+        ``{"device", "bank", "target", "splits", "tasks", "coefficients", "composition", "baselines", ...}``;
+        where the embedded bank is not built yet, the parts that need it say so.
+    """
+    cfg.validate()
+    protocol = protocol_for(cfg.protocol)
+    make_prior(cfg.prior, **cfg.prior_args)  # unknown names and bad arguments fail here, as in a run
+    plan = {"device": device_description(resolve_device(cfg.device)), "bank": str(cfg.bank),
+            "protocol": protocol.name, "target": protocol.label(cfg), "model": cfg.model, "prior": cfg.prior,
+            "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
+            "svi": f"{cfg.svi.steps} steps of batch {cfg.svi.batch_size}, seed {cfg.seed}"}
+    if not (Path(cfg.bank) / "manifest.json").is_file():
+        if Path(cfg.bank) != Path(DEFAULT_BANK):
+            raise ConfigError(f"{cfg.bank} holds no bank (manifest.json): build or import one, or pass --bank")
+        plan["bank"] += " (not built yet: the fit builds it first, about 3 minutes on 2 cores)"
+    plan.update(protocol.plan(cfg))
+    return plan
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text results table of a run's metrics (of any protocol)."""
+    return protocol_for(metrics.get("protocol", "transfer")).format(metrics)

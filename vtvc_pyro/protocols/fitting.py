@@ -1,0 +1,400 @@
+"""The fitting kit every protocol shares: its data, the protocol interface, VTVC's fit and predictive,
+the baselines, scores and diagnostics, and the posterior's InferenceData.
+
+A protocol (:mod:`.transfer`, :mod:`.addition`) turns settings into a :class:`Target` and the
+methods' probabilities into metrics; everything else here is the same for all of them, and
+:func:`~vtvc_pyro.protocols.fit.run_fit` runs the shared skeleton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyro
+import torch
+
+from ..bank.store import LoadedBank, build_embedded_bank, load_bank
+from ..bank.task_vectors import TaskVectorBank
+from ..bayes.guide import GUIDES, GuideSettings
+from ..bayes.predictive import mean_probs, sample_draws
+from ..bayes.priors import make_prior
+from ..bayes.registry import make_vtvc
+from ..bayes.router import RouterFit, tuned_router
+from ..bayes.svi import FitResult, fit_svi
+from ..compose.engine import Composer
+from ..compose.heads import TaskHeads
+from ..config import DEFAULT_BANK, FitConfig, SVIConfig
+from ..data.split import Split
+from ..data.suite import TaskData
+from ..diagnostics import site_events, to_inference_data
+from ..evaluate import apply_temperature, bootstrap_intervals, classification_metrics, fit_temperature, selection_accuracy
+from ..methods import baselines
+from ..run_folder import RunFolder, device_description, environment
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------- what a protocol fits on
+def open_bank(cfg: FitConfig, progress: bool = False) -> LoadedBank:
+    """The bank ``cfg`` names, streamed in its storage dtype; the embedded one is built when missing."""
+    if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
+        build_embedded_bank(DEFAULT_BANK, progress=progress)
+    return load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
+
+
+@dataclass
+class Target:
+    """Everything a fit reads: the bank (the vectors to compose), the data and its head.
+
+    Attributes:
+        label: what the run is about in tables and folder names (the target spec, or ``addition``).
+        bank: the bank with only the vectors to compose, on the fit's device.
+        tasks: the names of those vectors (``T``).
+        task: the data set (in task addition: the union of the tasks' classes, no images).
+        head: ``[C, D]`` zero-shot head (task addition: every task's head, stacked).
+        data: ``{"train", "val", "test"}`` -> :class:`~vtvc_pyro.data.split.Split` on the device;
+            empty until the protocol's ``load``.
+        own_vector: the target's own fine-tuned vector (transfer), or the untruncated vectors
+            (task addition at low rank); ``None`` when the bank has none.
+        data_seed: the seed of the data pools (the bank build's).
+        task_index: task addition: ``{split: [N] each image's task}``; ``None`` in transfer.
+        heads: task addition: the :class:`~vtvc_pyro.compose.heads.TaskHeads`.
+        datasets: task addition: each task's data set, in ``tasks`` order.
+    """
+
+    label: str
+    bank: LoadedBank
+    tasks: list[str]
+    task: TaskData
+    head: torch.Tensor
+    data: dict[str, Split] = field(default_factory=dict)
+    own_vector: TaskVectorBank | None = None
+    data_seed: int = 0
+    task_index: dict[str, torch.Tensor] | None = None
+    heads: TaskHeads | None = None
+    datasets: list[TaskData] = field(default_factory=list)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.bank.model.visual.output_dim
+
+
+class FitProtocol:
+    """The interface of a protocol; :data:`~vtvc_pyro.protocols.fit.PROTOCOLS` maps names to instances.
+
+    A protocol says what data a fit reads and what its numbers mean; the skeleton of a run (files,
+    baselines, SVI, predictive, posterior) is :func:`~vtvc_pyro.protocols.fit.run_fit`'s.
+    """
+
+    name = ""
+    summary = ""
+
+    def label(self, cfg: FitConfig) -> str:
+        """What the run is about (metrics' ``target``, the default run folder's name)."""
+        raise NotImplementedError
+
+    def select(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+        """The bank, data sets and heads, reading files only (``data`` empty; no forward pass)."""
+        raise NotImplementedError
+
+    def load(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
+        """:meth:`select` with every split on ``device`` and its base features."""
+        raise NotImplementedError
+
+    def record(self, target: Target) -> dict:
+        """What ``config.json``'s run record adds for this protocol."""
+        return {}
+
+    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> tuple[dict, dict, dict]:
+        """``(probabilities {"val", "test"} by method, what each chose, routing diagnostics)``."""
+        raise NotImplementedError
+
+    def metrics(self, cfg: FitConfig, target: Target, methods: dict, extra: dict, routing: dict,
+                vtvc: VTVCFit) -> dict:
+        """The content of ``metrics.json`` (no timings)."""
+        raise NotImplementedError
+
+    def score_test(self, target: Target, probs: torch.Tensor) -> dict:
+        """Test metrics of one set of probabilities ``[N_test, C]`` (an exported model's)."""
+        raise NotImplementedError
+
+    def describe(self, target: Target, split: str) -> str:
+        """``split`` of the target in words (a model card's "averaged over ...")."""
+        raise NotImplementedError
+
+    def prediction_head(self, target: Target, task: str | None) -> tuple[torch.Tensor, list[str]]:
+        """The ``[C, D]`` head and class names a predictor scores new images with."""
+        raise NotImplementedError
+
+    def plan(self, cfg: FitConfig) -> dict:
+        """What a run would use, resolved without writing anything (``--dry_run``)."""
+        raise NotImplementedError
+
+    def format(self, metrics: dict) -> str:
+        """A plain-text results table of ``metrics``."""
+        raise NotImplementedError
+
+
+def run_record(cfg: FitConfig, protocol: FitProtocol, target: Target, device: torch.device) -> dict:
+    """``config.json``'s run record: what the run found and where it ran."""
+    return {"argv": sys.argv, "prior_settings": make_prior(cfg.prior, **cfg.prior_args).settings(),
+            "tasks": target.tasks, **protocol.record(target),
+            "bank_fingerprint": target.bank.manifest["base_fingerprint"], "data_seed": target.data_seed,
+            "device": device_description(device), "environment": environment()}
+
+
+# ---------------------------------------------------------------- VTVC from settings and from a run
+def build_vtvc(cfg: FitConfig, composer: Composer, head: torch.Tensor, feature_dim: int, components: int = 1):
+    """The model and guide ``cfg`` names with ``components`` global compositions (seeded: the guide's
+    initial weights depend on ``cfg.seed`` alone)."""
+    pyro.set_rng_seed(cfg.seed)
+    return make_vtvc(cfg.model, cfg.guide, composer, head, make_prior(cfg.prior, **cfg.prior_args), feature_dim,
+                     route_a=cfg.route_a, route_b=cfg.route_b, components=components, routing=cfg.routing,
+                     settings=GuideSettings.from_config(cfg))
+
+
+def fit_config_of(settings: dict) -> FitConfig:
+    """The :class:`FitConfig` of a run's recorded settings (keys a newer or older version wrote are dropped)."""
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
+    kept = {k: v for k, v in settings.items() if k in known}
+    kept.setdefault("model", "flat")  # runs written before the hierarchical model existed
+    return FitConfig(**{**kept, "svi": SVIConfig(**{k: v for k, v in settings.get("svi", {}).items() if k in svi_known})})
+
+
+def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Tensor, feature_dim: int) -> torch.nn.Module:
+    """Rebuild the fitted guide of a run folder (``config.json`` + ``guide.safetensors``) on ``composer``."""
+    folder = RunFolder(run_dir)
+    state, meta = folder.read_guide()
+    settings, _ = folder.read_config()
+    components = int(meta.get("components", 1))  # the number the fit chose on val
+    _, guide = build_vtvc(fit_config_of(settings), composer, head, feature_dim, components)
+    guide.load_state_dict(state)
+    return guide.eval()
+
+
+def candidate_components(cfg: FitConfig) -> list[int]:
+    """The numbers of compositions to fit: ``cfg.components`` for the hierarchical model with an
+    amortized guide; ``[1]`` for the flat model and the global guide, which have one."""
+    if cfg.model != "hierarchical" or not GUIDES[cfg.guide]["amortized"]:
+        return [1]
+    return list(cfg.components)
+
+
+# ---------------------------------------------------------------- VTVC's fit and predictive
+@dataclass
+class Draws:
+    """Posterior predictive draws on the test split (:func:`~vtvc_pyro.bayes.predictive.sample_draws`).
+
+    ``probs [S, N, C]``; ``local``: ``lam``, ``inclusion`` ``[S, N, T, G]`` and the other per-image
+    sites; ``shared``: the global sites ``[S, ...]``.
+    """
+
+    probs: torch.Tensor
+    local: dict[str, torch.Tensor]
+    shared: dict | None
+
+
+@dataclass
+class VTVCFit:
+    """What :func:`fit_vtvc` returns: the chosen candidate and its predictive.
+
+    ``methods``: ``vtvc`` (the Monte Carlo predictive) and ``vtvc_mean`` (one pass at the gated
+    posterior mean), each ``{"val", "test"}`` -> ``[N, C]``.
+    """
+
+    result: FitResult
+    guide: torch.nn.Module
+    composer: Composer
+    methods: dict[str, dict[str, torch.Tensor]]
+    draws: Draws
+    val_nll_by_components: dict[int, float]
+
+    @property
+    def components(self) -> int:
+        return min(self.val_nll_by_components, key=self.val_nll_by_components.get)
+
+    def svi_summary(self, detailed: bool = True) -> dict:
+        """``metrics.json``'s ``svi`` block (``detailed``: with the best val accuracy and the last finite ELBO)."""
+        fit = self.result
+        out = {"components": self.components, "val_nll_by_components": self.val_nll_by_components,
+               "best_step": fit.best_step, "best_val_nll": fit.best_val_nll}
+        if detailed:
+            out.update({"best_val_accuracy": fit.best_val_accuracy,
+                        "final_elbo": next((e for e in reversed(fit.elbo_trace) if math.isfinite(e)), None)})
+        out["val_history"] = fit.val_history
+        return out
+
+
+def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components: int, files, resume: bool,
+                  progress: bool):
+    """One SVI fit with ``components`` compositions into ``files``
+    (:class:`~vtvc_pyro.run_folder.CandidateFiles`); returns ``(model, guide, fit result)``."""
+    train, val = target.data["train"], target.data["val"]
+    model, guide = build_vtvc(cfg, composer, target.head, train.features.shape[1], components)
+    model, guide = model.to(target.head.device), guide.to(target.head.device)
+    resume = resume and files.checkpoint.is_file()  # a candidate the interrupted run had not started starts afresh
+    if hasattr(guide, "initialize") and not resume:
+        guide.initialize(train.features, seed=cfg.seed)
+    fit = fit_svi(model, guide, train, val, cfg.svi, checkpoint_path=files.checkpoint, resume=resume,
+                  progress=progress, seed=cfg.seed, history_path=files.history,
+                  tensorboard_dir=files.tensorboard if cfg.logger == "tensorboard" else None)
+    return model, guide, fit
+
+
+def predict_vtvc(cfg: FitConfig, model, guide, target: Target, progress: bool) -> tuple[dict, Draws]:
+    """The Monte Carlo predictive and the gated mean on val and test; the test draws."""
+    methods, draws = {"vtvc": {}, "vtvc_mean": {}}, None
+    for split in ("val", "test"):
+        data = target.data[split]
+        probs_s, local, shared = sample_draws(model, guide, data.images, data.features, cfg.eval_samples,
+                                              cfg.svi.eval_temperature, generator_seed=cfg.seed, classes=data.classes,
+                                              progress=progress, desc=f"predictive {split}")
+        methods["vtvc"][split] = probs_s.mean(0)
+        methods["vtvc_mean"][split] = mean_probs(model, guide, data.images, data.features, classes=data.classes)
+        draws = Draws(probs_s, local, shared)
+    return methods, draws
+
+
+def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, progress: bool) -> VTVCFit:
+    """Fit VTVC by SVI (every candidate number of components; the lowest val NLL wins), save the
+    chosen guide, and draw its predictive on val and test."""
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    candidates = {k: fit_candidate(cfg, target, composer, k, folder.candidate(i, k), resume, progress)
+                  for i, k in enumerate(candidate_components(cfg))}
+    chosen = min(candidates, key=lambda k: candidates[k][2].best_val_nll)
+    model, guide, fit = candidates[chosen]
+    folder.write_guide(guide.state_dict(), {"best_step": str(fit.best_step), "components": str(chosen)})
+    methods, draws = predict_vtvc(cfg, model, guide, target, progress)
+    return VTVCFit(fit, guide, composer, methods, draws, {k: c[2].best_val_nll for k, c in candidates.items()})
+
+
+# ---------------------------------------------------------------- baselines
+def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[dict, dict, RouterFit]:
+    """The deterministic per-sample router (:mod:`vtvc_pyro.bayes.router`) with VTVC's budget and K candidates:
+    ``{"val", "test"}`` probabilities, what it chose, and the fit."""
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    fit = tuned_router(composer, target.head, target.data["train"], target.data["val"], cfg.svi,
+                       candidate_components(cfg), cfg.hidden, cfg.slab_mean_init, cfg.seed, progress)
+    probs = {}
+    for split in ("val", "test"):
+        data = target.data[split]
+        probs[split] = mean_probs(fit.model, fit.guide, data.images, data.features, classes=data.classes)
+    *history, chosen = fit.history
+    info = {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
+    return probs, info, fit
+
+
+def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
+    """``{"val", "test"}`` probabilities of each named baseline that applies, and what each chose.
+
+    Works for task addition too: splits with ``classes`` score every image with its own head.
+    """
+    test = target.data["test"]
+    inputs = baselines.BaselineInputs(
+        visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
+        train=target.data["train"], val=target.data["val"], test_images=test.images, test_classes=test.classes,
+        own_vector=target.own_vector, steps=cfg.svi.steps, batch_size=cfg.svi.batch_size,
+        eval_every=cfg.svi.eval_every, seed=cfg.seed, progress=progress,
+    )
+    probs, info = {}, {}
+    for name in names:
+        if name == "router":
+            p, info[name], _ = run_router(cfg, target, progress)
+        else:
+            p, info[name] = baselines.run_baseline(name, inputs)
+        if p is not None:
+            probs[name] = p
+    return probs, info
+
+
+# ---------------------------------------------------------------- scores and diagnostics
+def score_methods(methods: dict[str, dict], val_y: torch.Tensor, test_y: torch.Tensor, seed: int = 0) -> dict:
+    """Test metrics of every method with bootstrap 95 % intervals, and the same after temperature
+    scaling fitted on val (so "better calibrated" survives the easy fix)."""
+    out = {}
+    for name, probs in methods.items():
+        temperature = fit_temperature(probs["val"], val_y)
+        scaled = apply_temperature(probs["test"], temperature)
+        out[name] = {**classification_metrics(probs["test"], test_y),
+                     "interval95": bootstrap_intervals(probs["test"], test_y, seed=seed),
+                     "val": classification_metrics(probs["val"], val_y),
+                     "temperature": temperature,
+                     "temperature_scaled": classification_metrics(scaled, test_y)}
+    return out
+
+
+def _selection(inclusion: torch.Tensor, lam: torch.Tensor, target: Target) -> dict | None:
+    """Selection accuracy on suite targets, which record the transforms behind every image: the
+    image's top-k task vectors by Σ_g inclusion × |E λ| are exactly the k source tasks of its transforms."""
+    domains = target.task.domains.get("test")
+    if domains is None or not target.task.domain_sources:
+        return None
+    index = {t: i for i, t in enumerate(target.tasks)}
+    domain_tasks = [[index[t] for t in sources if t in index] for sources in target.task.domain_sources]
+    scores = (inclusion * lam.mean(0).abs()).sum(-1)  # [N, T]
+    by_domain = [scores[domains == d].mean(0).tolist() if (domains == d).any() else [math.nan] * len(target.tasks)
+                 for d in range(len(domain_tasks))]
+    return {**selection_accuracy(scores, domains, domain_tasks),
+            "domains": ["+".join(s) for s in target.task.domain_sources], "score_by_domain": by_domain}
+
+
+def composition_diagnostics(guide, lam: torch.Tensor, gate: torch.Tensor, target: Target) -> dict:
+    """Sparsity and selection of the posterior on the test split (``lam``, ``gate``: ``[S, N, T, G]`` draws)."""
+    inclusion = gate.float().mean(0)  # [N, T, G]
+    per_task = inclusion.mean((0, 2))
+    out = {"mean_inclusion": float(inclusion.mean()), "inclusion_by_task": dict(zip(target.tasks, per_task.tolist())),
+           "inclusion_sd_across_tasks": float(per_task.std()) if len(per_task) > 1 else 0.0}
+    if hasattr(guide, "summary"):
+        s = guide.summary()
+        out["global"] = {"mean_inclusion": float(s["inclusion"].mean()), "kept_fraction": float(s["kept"].mean())}
+        if "rho_mean" in s:
+            out["global"]["use_rate_by_task"] = dict(zip(target.tasks, s["rho_mean"].tolist()))
+    selection = _selection(inclusion, lam, target)
+    if selection is not None:
+        out["selection"] = selection
+    return out
+
+
+# ---------------------------------------------------------------- the posterior's files
+def stratified_rows(index: torch.Tensor, total: int) -> torch.Tensor:
+    """Up to ``total`` test rows, as many from every task (the first of each), in data set order."""
+    tasks = int(index.max()) + 1
+    per = total // tasks
+    rows = torch.cat([(index == t).nonzero().squeeze(1)[:per] for t in range(tasks)])
+    return rows if len(rows) or total <= 0 else (index >= 0).nonzero().squeeze(1)[:total]  # fewer than one per task
+
+
+def posterior_rows(cfg: FitConfig, target: Target) -> torch.Tensor:
+    """The test rows stored in ``posterior.nc``: the first ``cfg.posterior_samples``, or as many of
+    every task (task addition)."""
+    labels = target.data["test"].labels
+    if target.task_index is not None:
+        return stratified_rows(target.task_index["test"], cfg.posterior_samples)
+    return torch.arange(min(cfg.posterior_samples, len(labels)), device=labels.device)
+
+
+def posterior_data(cfg: FitConfig, target: Target, vtvc: VTVCFit):
+    """The InferenceData of ``posterior.nc``: the test draws of :func:`fit_vtvc` for :func:`posterior_rows`."""
+    rows, draws = posterior_rows(cfg, target), vtvc.draws
+    image_task = None if target.task_index is None else target.task_index["test"][rows]
+    return to_inference_data(
+        draws.probs[:, rows], {k: v[:, rows] for k, v in draws.local.items()}, draws.shared,
+        target.data["test"].labels[rows], target.tasks, vtvc.composer.group_labels, target.task.class_names,
+        vtvc.result.elbo_trace, site_events(make_prior(cfg.prior, **cfg.prior_args)), image_index=rows,
+        image_task=image_task, seed=cfg.seed,
+        attrs={"target": target.label, "protocol": cfg.protocol, "model": cfg.model, "prior": cfg.prior,
+               "guide": cfg.guide, "granularity": cfg.granularity},
+    )
+
+
+def prediction_tensors(target: Target, methods: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """``predictions.safetensors``: every method's test probabilities, the labels (and each image's task)."""
+    out = {**{name: p["test"].float() for name, p in methods.items()}, "labels": target.data["test"].labels}
+    if target.task_index is not None:
+        out["task_index"] = target.task_index["test"]
+    return out

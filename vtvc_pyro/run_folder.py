@@ -1,0 +1,240 @@
+"""A run folder: the one place that names the files of a ``vtvc fit`` run and reads and writes them.
+
+Layout::
+
+    config.json                  the settings (replayable with --config) and the run record
+    metrics.json  timing.json    the results (no timings in metrics: same seed and device, same file)
+    predictions.safetensors      every method's test probabilities, the labels (and each image's task)
+    posterior.nc                 ArviZ InferenceData of the test draws
+    guide.safetensors            the chosen candidate's fitted guide
+    checkpoint.safetensors       the first candidate's training state (others: checkpoint-k4.safetensors, ...)
+    history.csv                  its steps (others: history-k4.csv, ...)
+    tensorboard/                 its TensorBoard events (others: tensorboard/k4/, ...), when asked for
+    figures/  summary.json       written by ``vtvc report``
+
+Every write is atomic (:func:`~vtvc_pyro.io.atomic_write`). The module sits at the bottom of the
+package (it imports only :mod:`.config`, :mod:`.io` and :mod:`.errors`), so every layer that touches a run uses it.
+
+Usage::
+
+    folder = RunFolder("runs/mixed")
+    settings, record = folder.read_config()
+    metrics = folder.read_metrics()
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import RUN_RECORD
+from .errors import ConfigError
+from .io import atomic_write, save_safetensors, write_json
+
+WATCH_SETTINGS = ("logger",)
+"""Settings that change how a run is watched, not what it computes: ``--resume`` may change them."""
+
+PACKAGES = ("torch", "pyro-ppl", "open_clip_torch", "arviz", "xarray", "numpy", "safetensors")
+
+
+@dataclass(frozen=True)
+class CandidateFiles:
+    """The files of one SVI candidate (one number K of compositions)."""
+
+    checkpoint: Path
+    history: Path
+    tensorboard: Path
+
+
+class RunFolder:
+    """The files of one run (see the module docstring); ``path`` need not exist yet."""
+
+    CONFIG = "config.json"
+    METRICS = "metrics.json"
+    TIMING = "timing.json"
+    PREDICTIONS = "predictions.safetensors"
+    POSTERIOR = "posterior.nc"
+    GUIDE = "guide.safetensors"
+    SUMMARY = "summary.json"
+    FIGURES = "figures"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ------------------------------------------------------------ names
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def timing(self) -> Path:
+        return self.path / self.TIMING
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
+
+    @property
+    def posterior(self) -> Path:
+        return self.path / self.POSTERIOR
+
+    @property
+    def guide(self) -> Path:
+        return self.path / self.GUIDE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def figures(self) -> Path:
+        return self.path / self.FIGURES
+
+    def figure(self, name: str) -> Path:
+        """``figures/NAME.png``."""
+        return self.figures / f"{name}.png"
+
+    def candidate(self, index: int, components: int) -> CandidateFiles:
+        """The files of the ``index``-th candidate, with ``components`` compositions: the first owns
+        the plain names (``checkpoint.safetensors``, ``history.csv``, ``tensorboard/``), the others
+        sit beside them named after K."""
+        suffix = "" if index == 0 else f"-k{components}"
+        return CandidateFiles(self.path / f"checkpoint{suffix}.safetensors", self.path / f"history{suffix}.csv",
+                              self.path / "tensorboard" / ("" if index == 0 else f"k{components}"))
+
+    def checkpoints(self) -> list[Path]:
+        """Every candidate's checkpoint on disk, in name order."""
+        return sorted(self.path.glob("checkpoint*.safetensors"))
+
+    # ------------------------------------------------------------ reads
+    def require(self, *names: str, what: str = "pass the folder written by `vtvc fit`") -> None:
+        """Raise a clear error unless every file in ``names`` (e.g. ``RunFolder.METRICS``) is there."""
+        for name in names:
+            if not (self.path / name).is_file():
+                raise ConfigError(f"{self.path} has no {name}: {what}")
+
+    def read_config(self) -> tuple[dict, dict]:
+        """``config.json`` as ``(settings, record)``: the :class:`~vtvc_pyro.config.FitConfig` fields,
+        and what the run recorded.
+
+        Raises:
+            ConfigError: the folder holds no ``config.json``.
+        """
+        if not self.config.is_file():
+            raise ConfigError(f"{self.path} holds no {self.CONFIG}: pass the folder of a finished `vtvc fit` run")
+        settings = json.loads(self.config.read_text())
+        if "fit" in settings:  # the layout before 0.2: {"fit": settings (seed under svi), "tasks": ..., ...}
+            fit = dict(settings.pop("fit"))
+            fit["svi"] = dict(fit.get("svi", {}))
+            fit["seed"] = fit["svi"].pop("seed", 0)
+            return fit, settings
+        return {k: v for k, v in settings.items() if k != RUN_RECORD}, settings.get(RUN_RECORD, {})
+
+    def read_metrics(self) -> dict:
+        self.require(self.METRICS)
+        return json.loads(self.metrics.read_text())
+
+    def read_metrics_if_any(self) -> dict | None:
+        """``metrics.json``, or ``None`` when the run has none."""
+        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
+
+    def read_predictions(self) -> dict[str, torch.Tensor]:
+        self.require(self.PREDICTIONS)
+        return load_file(str(self.predictions))
+
+    def read_guide(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The fitted guide's state dict and the metadata it was saved with (``components``, ``best_step``)."""
+        if not self.config.is_file() or not self.guide.is_file():
+            raise ConfigError(f"{self.path} holds no finished fit ({self.CONFIG}, {self.GUIDE}): run `vtvc fit` first")
+        from safetensors import safe_open
+
+        with safe_open(str(self.guide), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(self.guide)), meta
+
+    # ------------------------------------------------------------ writes
+    def prepare(self, settings: dict, overwrite: bool = False, resume: bool = False) -> RunFolder:
+        """Create the folder, or check the one to resume.
+
+        A non-empty folder is refused unless ``overwrite`` (files are then replaced) or ``resume`` (it
+        must hold a checkpoint of a run with the same ``settings``).
+        """
+        if resume:
+            if not self.candidate(0, 1).checkpoint.is_file() or not self.config.is_file():
+                raise ConfigError(f"--resume: {self.path} holds no checkpoint of a run; start it without --resume")
+            before, _ = self.read_config()
+            changed = sorted(k for k in set(before) | set(settings)
+                             if k not in WATCH_SETTINGS and before.get(k) != settings.get(k))
+            if changed:
+                raise ConfigError(f"--resume: the run in {self.path} used other settings ({', '.join(changed)}); "
+                                  "resume with the same options")
+            return self
+        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
+            raise ConfigError(f"output folder {self.path} exists and is not empty: pass another --out, --resume to "
+                              "continue it, or --overwrite to replace it")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.figures.mkdir(exist_ok=True)
+        return self
+
+    def write_config(self, settings: dict, record: dict) -> Path:
+        """The settings at the top level (``vtvc fit --config config.json`` replays them); what the run
+        found and where it ran under ``"run"``, which a replay ignores."""
+        return write_json(self.config, {**settings, RUN_RECORD: record})
+
+    def write_metrics(self, metrics: dict) -> Path:
+        return write_json(self.metrics, metrics)
+
+    def write_timing(self, timing: dict) -> Path:
+        return write_json(self.timing, timing)
+
+    def write_summary(self, summary: dict) -> Path:
+        return write_json(self.summary, summary)
+
+    def write_predictions(self, tensors: dict[str, torch.Tensor]) -> Path:
+        return save_safetensors(tensors, self.predictions)
+
+    def write_guide(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        return save_safetensors(state, self.guide, metadata)
+
+    def write_posterior(self, idata) -> Path:
+        """ArviZ InferenceData as netCDF."""
+        return atomic_write(self.posterior, lambda tmp: idata.to_netcdf(str(tmp)))
+
+
+# ---------------------------------------------------------------- the run record
+def environment() -> dict:
+    """Package versions, Python, platform and the git commit (for reproducibility)."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"packages": versions, "python": platform.python_version(), "platform": platform.platform(),
+            "git_commit": commit, "cuda": torch.cuda.is_available(), "torch_cuda": torch.version.cuda}
+
+
+def device_description(device: torch.device) -> str:
+    """``cpu`` or the GPU's name, e.g. ``cuda:0 (NVIDIA H200)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
