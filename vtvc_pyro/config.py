@@ -470,7 +470,7 @@ def settings_of(settings, cls: type):
 
 
 @dataclass(kw_only=True)
-class Logging:
+class MainOptions:
     """Options of ``vtvc`` itself, before the subcommand.
 
     Args:

@@ -2,12 +2,12 @@
 
 The subcommands are the lines of :data:`~vtvc_pyro.cli.commands.COMMANDS` (path, description,
 settings dataclass, handler). Every flag comes from a field of a dataclass of :mod:`vtvc_pyro.config`
-through jsonargparse, named as its field (``--svi.kl_weight``), with its default and docstring in
-``--help``.
+through jsonargparse, named as its field (``--svi.kl_weight``), with its default and its line of the
+class docstring in ``--help``; the few positionals (``vtvc report RUN_DIR``) are fields too.
 jsonargparse also gives ``--config FILE`` (JSON or YAML, e.g. a run's own ``config.json``) and
 ``--print_config``. List values are YAML/JSON lists everywhere: ``--baselines [atlas,ties]``, ``[]``
-for none. Only this module and :mod:`vtvc_pyro.config` are imported before a command runs, so
-``--help`` answers at once; the command imports what it needs (:mod:`.commands`).
+for none. Building the parser imports nothing heavy (the handlers of :mod:`.commands` import what they
+need when they run), so ``--help`` answers at once.
 
 Usage::
 
@@ -65,6 +65,8 @@ def add_settings(parser: ArgumentParser, settings: type) -> None:
     parser.add_class_arguments(settings, nested_key=None, as_group=True, skip={f.name for f in special})
     group = parser.groups.get(settings.__name__, parser) if hasattr(parser, "groups") else parser
     for f in special:
+        # a switch is a bare flag: jsonargparse's bool flags want a value (`--routing false`), and an optional
+        # value would swallow the positional after it (`vtvc export --overwrite RUN_DIR`)
         if config.cli_kind(f) == "switch":
             group.add_argument(*f.metadata["aliases"], f"--{f.name}", action="store_true",
                                help=_field_help(settings, f.name))
@@ -108,7 +110,7 @@ def build_parser() -> ArgumentParser:
     """The whole ``vtvc`` parser (cheap: no heavy import)."""
     parser = ArgumentParser(prog="vtvc", description="Variational Task Vector Composition over open_clip CLIP models.",
                             formatter_class=DefaultHelpFormatter, exit_on_error=False)
-    add_settings(parser, config.Logging)
+    add_settings(parser, config.MainOptions)
     _add_commands(parser, _tree(COMMANDS), "command")
     return parser
 
