@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import logging
 import os
 import runpy
 import subprocess
@@ -49,6 +50,27 @@ def random_bank(num_tasks: int = 3, scale: float = 0.05, seed: int = 0, arch: st
     return model, base, vectors, TaskVectorBank.stack(vectors, base)
 
 
+@contextlib.contextmanager
+def root_logger_kept():
+    """Undo what a command run in this process did to the root logger (``main()`` calls ``logging.basicConfig``,
+    whose handler would keep writing to this test's captured stderr)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_kept():
+    with root_logger_kept():
+        yield
+
+
 def run_inline(*args, script="svi_fit.py"):
     """Run ``scripts/<script>`` in this interpreter, as ``python scripts/<script> ARGS`` would (same
     argument parsing, errors and exit status) without a new interpreter's ~6 s of imports.
@@ -59,7 +81,7 @@ def run_inline(*args, script="svi_fit.py"):
     saved_argv, code = sys.argv, 0
     sys.argv = [script, *args]
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with root_logger_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
@@ -69,7 +91,8 @@ def run_inline(*args, script="svi_fit.py"):
 
 
 def run_script(*args, script="svi_fit.py", env_extra=None):
-    """Run ``scripts/<script>`` in a fresh interpreter, offline; returns the CompletedProcess."""
+    """Run ``scripts/<script>`` in a fresh interpreter, offline; returns the CompletedProcess. Only for what needs
+    a real process (its exit status, signals, environment read at import); everything else uses :func:`run_inline`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
@@ -77,9 +100,9 @@ def run_script(*args, script="svi_fit.py", env_extra=None):
 
 @pytest.fixture(scope="session")
 def short_run(bank_path, tmp_path_factory):
-    """A 30-step ``svi_fit.py`` run on the real bank (target mixed): ``(run folder, stdout)``."""
+    """A 30-step ``svi_fit.py`` run (in this process) on the real bank (target mixed): ``(run folder, stdout)``."""
     out = tmp_path_factory.mktemp("run") / "mixed"
-    proc = run_script("--bank", str(bank_path), "--svi.steps", "30", "--svi.eval_every", "15", "--eval_samples", "4",
+    proc = run_inline("--bank", str(bank_path), "--svi.steps", "30", "--svi.eval_every", "15", "--eval_samples", "4",
                       "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
@@ -110,7 +133,7 @@ def real_world(tmp_path_factory):
 def real_bank(real_world):
     """Those checkpoints imported by scripts/import_checkpoints.py (bf16 storage)."""
     out = real_world / "bank"
-    proc = run_script("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
+    proc = run_inline("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
                       str(real_world / "ckpt"), "--trust_pickle", "--dtype", "bfloat16", "--out", str(out), "--quiet",
                       script="import_checkpoints.py")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -155,11 +155,11 @@ def test_addition_on_the_8_stand_in_benchmarks_with_published_rows(real_world, r
     imported into a bank, benchmark specs matched to its vectors, learning from val (aTLAS's
     protocol), and the 8-task table with the published ViT-B/32 rows."""
     from . import standins
-    from .conftest import REAL_ARCH, run_script
+    from .conftest import REAL_ARCH
 
     standins.write_published_checkpoints(tmp_path / "ckpt", REAL_ARCH, real_world / "base.safetensors", EIGHT)
     bank = tmp_path / "bank"
-    proc = run_script("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
+    proc = run_inline("--arch", REAL_ARCH, "--base", str(real_world / "base.safetensors"), "--checkpoints",
                       str(tmp_path / "ckpt"), "--trust_pickle", "--dtype", "bfloat16", "--out", str(bank), "--quiet",
                       script="import_checkpoints.py")
     assert proc.returncode == 0, proc.stderr[-2000:]

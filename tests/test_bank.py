@@ -9,7 +9,7 @@ from vtvc_pyro.bank.store import load_bank
 from vtvc_pyro.data import specs, suite
 from vtvc_pyro.errors import BankError, DataError
 
-from .conftest import ROOT
+from .conftest import run_inline
 
 
 def test_manifest_finetuned_beats_zeroshot_beats_chance(bank_path):
@@ -91,18 +91,13 @@ def test_offline_pretrained_tag_fails_fast():
 
 
 def test_finetune_script_writes_a_loadable_task_vector(bank_path, tmp_path):
-    import subprocess
-    import sys
-
     from vtvc_pyro.bank.task_vectors import TaskVector
 
     out = tmp_path / "rot.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--base", str(bank_path / "base.safetensors"), "--data", "digits-rotated",
-         "--out", str(out), "--steps", "5", "--quiet"],
-        capture_output=True, text=True, cwd=ROOT,
-    )
+    proc = run_inline("--base", str(bank_path / "base.safetensors"), "--data", "digits-rotated", "--out", str(out),
+                      "--steps", "5", "--quiet", script="finetune.py")
     assert proc.returncode == 0, proc.stderr
+    assert "digits-rotated: zero-shot" in proc.stdout and f"wrote {out}" in proc.stdout
     model = backbone.create_clip(backbone.TINY_MODEL, str(bank_path / "base.safetensors"))
     tv = TaskVector.load(out, base=backbone.image_tower_params(model), arch=backbone.TINY_MODEL)
     assert tv.task == "digits-rotated" and any(d.abs().max() > 0 for d in tv.deltas.values())

@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+import typing
+from dataclasses import asdict, fields, is_dataclass
 
 import pytest
 
+from vtvc_pyro import config
 from vtvc_pyro.cli import COMMANDS, build_parser, main
-from vtvc_pyro.config import FitConfig
+from vtvc_pyro.config import BuildConfig, FitConfig
 
 from .conftest import ROOT, run_inline
 
@@ -44,31 +47,87 @@ def test_importing_every_module_changes_no_global_state():
     assert proc.stdout.split() == ["[]"]  # indices of the pieces of state that changed
 
 
-def test_help_needs_no_heavy_import():
-    code = ("import sys\nfrom vtvc_pyro.cli import main\ntry:\n    main(['fit', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'pyro', 'open_clip', 'arviz', 'matplotlib') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_python_dash_m_answers_help_without_heavy_imports():
+    """A real process: ``python -m vtvc_pyro`` exits 0, and ``-X importtime`` lists every module it imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "vtvc_pyro", "fit", "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--svi.kl_weight" in proc.stdout and "default: 0.01" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "vtvc_pyro.cli.commands" in imported and "jsonargparse" in imported  # the listing is real
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "pyro", "open_clip", "arviz", "matplotlib")}
 
 
-def test_python_dash_m_is_the_command():
-    proc = subprocess.run([sys.executable, "-m", "vtvc_pyro", "bank", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 0 and "truncate" in proc.stdout
-
-
-def _leaves(table, path=()):
-    for name, entry in table.items():
-        yield from (_leaves(entry, (*path, name)) if isinstance(entry, dict) else [(*path, name)])
-
-
-@pytest.mark.parametrize("path", list(_leaves(COMMANDS)), ids=" ".join)
-def test_every_command_answers_help(path, capsys):
+def test_groups_list_their_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([*path, "--help"])
-    assert exit_.value.code == 0 and "--config" in capsys.readouterr().out
+        main(["bank", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and all(name in out for name in ("build", "import", "truncate", "finetune", "pretrain"))
+
+
+def test_the_table_is_the_one_list_of_subcommands():
+    paths = [c.path for c in COMMANDS]
+    assert len(set(paths)) == len(paths) and ("bank", "build") in paths and ("fit",) in paths
+    for command in COMMANDS:
+        assert command.help and callable(command.handler) and is_dataclass(command.settings), command.path
+        assert command.handler.__name__ == "_".join(command.path), command.path  # one handler per line, named for it
+
+
+def _flattened(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):  # --svi FILE and --svi.steps N
+            yield prefix + f.name
+            yield from _flattened(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c.path))
+def test_every_flag_is_a_settings_field(command):
+    """The parser of each subcommand has exactly its dataclass's fields: no flag written by hand."""
+    parser = _subparser(build_parser(), command.path)
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "config", "print_config")}
+    assert dests == set(_flattened(command.settings))
+
+
+def _subparser(parser, path):
+    for name in path:
+        parser = parser._subcommands_action._name_parser_map[name]
+    return parser
+
+
+@pytest.mark.parametrize("stage, required", [("finetune", ["--base", "b", "--data", "d", "--out", "o"]), ("pretrain", [])])
+def test_bank_stages_default_to_the_embedded_banks_settings(stage, required):
+    opts = build_parser().parse_args(["bank", stage, *required]).bank[stage]
+    built = BuildConfig()
+    assert (opts.steps, opts.lr) == (getattr(built, f"{stage}_steps"), getattr(built, f"{stage}_lr"))
+    assert (opts.arch, opts.batch_size, opts.seed) == (built.arch, built.batch_size, built.seed)
+
+
+def test_switches_take_no_value_and_bool_settings_take_one():
+    fit = build_parser().parse_args(["fit", "--quiet", "--routing", "false", "--svi.skip_nonfinite", "true"]).fit
+    assert fit.quiet and not fit.overwrite and fit.routing is False and fit.svi.skip_nonfinite is True
+    export = build_parser().parse_args(["export", "--overwrite", "RUN", "--out", "o", "--evaluate", "false"]).export
+    assert export.run_dir == "RUN" and export.overwrite and export.evaluate is False  # a switch never eats RUN
+    table = build_parser().parse_args(["table", "A", "B", "--out", "t"]).table
+    assert table.run_dirs == ["A", "B"]
+
+
+def test_print_config_replays_and_a_run_record_is_ignored(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--svi.steps", "7", "--quiet", "--print_config"])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0 and "steps: 7" in printed and "quiet: true" in printed
+    (tmp_path / "fit.yaml").write_text(printed)
+    record = {**json.loads(json.dumps(asdict(FitConfig()))), "target": "rot-noise", "run": {"argv": ["vtvc", "fit"]}}
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    parser = build_parser()
+    replayed = parser.parse_args(["fit", "--config", str(tmp_path / "fit.yaml")]).fit
+    assert replayed.svi.steps == 7 and replayed.quiet
+    recorded = parser.parse_args(["fit", "--config", str(tmp_path / "config.json"), "--svi.steps", "3"]).fit
+    assert recorded.target == "rot-noise" and recorded.svi.steps == 3 and recorded.run == {"argv": ["vtvc", "fit"]}
+    assert "--run" not in parser.format_help() and "--run " not in _subparser(parser, ("fit",)).format_help()
 
 
 def test_every_fit_setting_has_a_flag():
@@ -120,20 +179,18 @@ def test_writers_refuse_to_overwrite(short_run, tmp_path):
     assert target.read_bytes() == b"keep me"
 
 
-def test_banks_live_in_the_per_user_cache_unless_told_otherwise(tmp_path):
+def test_banks_live_in_the_per_user_cache_unless_told_otherwise(tmp_path, monkeypatch):
     """Default: platformdirs' user cache; $VTVC_HOME moves it; $VTVC_BANK names the bank itself."""
     import os
-    import subprocess
-    import sys
 
     import platformdirs
 
-    def default_bank(**env) -> str:
-        clean = {k: v for k, v in os.environ.items() if k not in ("VTVC_HOME", "VTVC_BANK")}
-        code = "from vtvc_pyro.config import DEFAULT_BANK; print(DEFAULT_BANK)"
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**clean, **env}).stdout.strip()
-
-    assert default_bank() == os.path.join(platformdirs.user_cache_dir("vtvc_pyro", appauthor=False), "banks", "embedded")
-    assert default_bank(VTVC_HOME=str(tmp_path)) == str(tmp_path / "banks" / "embedded")
-    assert default_bank(VTVC_HOME=str(tmp_path), VTVC_BANK="b") == "b"
+    assert config.DEFAULT_BANK == config.default_bank()  # this session's ($VTVC_BANK, set by conftest)
+    monkeypatch.delenv("VTVC_HOME", raising=False)
+    monkeypatch.delenv("VTVC_BANK", raising=False)
+    assert config.default_bank() == os.path.join(platformdirs.user_cache_dir("vtvc_pyro", appauthor=False), "banks",
+                                                 "embedded")
+    monkeypatch.setenv("VTVC_HOME", str(tmp_path))
+    assert config.default_bank() == str(tmp_path / "banks" / "embedded")
+    monkeypatch.setenv("VTVC_BANK", "b")
+    assert config.default_bank() == "b"

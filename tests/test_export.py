@@ -36,7 +36,7 @@ from vtvc_pyro.protocols.fit import run_fit
 from . import standins
 from .conftest import REAL_ARCH as ARCH
 from .conftest import REAL_TASKS as TASKS
-from .conftest import ROOT, run_inline, run_script
+from .conftest import ROOT, run_inline
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def bank(real_bank):
 
 
 def test_import_refuses_pickles_without_trust(world, tmp_path):
-    proc = run_script("--arch", ARCH, "--base", str(world / "base.safetensors"), "--checkpoints", str(world / "ckpt"),
+    proc = run_inline("--arch", ARCH, "--base", str(world / "base.safetensors"), "--checkpoints", str(world / "ckpt"),
                       "--out", str(tmp_path / "b"), script="import_checkpoints.py")
     assert proc.returncode == 2 and "--trust_pickle" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "b" / "manifest.json").exists()

@@ -7,7 +7,7 @@ from vtvc_pyro.bayes.priors import make_prior
 from vtvc_pyro.config import NegationConfig, SVIConfig
 from vtvc_pyro.protocols.negation import NegationModel, run_negation
 
-from .conftest import random_bank, run_script
+from .conftest import random_bank, run_inline
 
 
 def test_union_likelihood_uses_labels_for_control_and_uniform_for_forget():
@@ -33,6 +33,6 @@ def test_negation_forgets_and_keeps_the_control(bank_path):
 
 
 def test_negating_a_task_without_a_vector_is_one_clear_line(bank_path, tmp_path):
-    proc = run_script("--forget", "mixed", "--bank", str(bank_path), "--out", str(tmp_path), script="negate.py")
+    proc = run_inline("--forget", "mixed", "--bank", str(bank_path), "--out", str(tmp_path), script="negate.py")
     assert proc.returncode == 2 and "no task vector for 'mixed'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

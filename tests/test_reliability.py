@@ -16,7 +16,7 @@ from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import NumericalError
 from vtvc_pyro.data.split import Split
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, run_inline
 from .test_vtvc import tiny_problem
 
 # a few baselines, not all: resuming re-runs them, and the router alone would be six more fits
@@ -49,7 +49,7 @@ def start_and_wait(bank_path, out, min_step=40):
 @pytest.fixture(scope="module")
 def uninterrupted(bank_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    proc = run_script("--bank", str(bank_path), "--out", str(out), *ARGS)
+    proc = run_inline("--bank", str(bank_path), "--out", str(out), *ARGS)
     assert proc.returncode == 0, proc.stderr
     return json.loads((out / "metrics.json").read_text())
 
@@ -61,7 +61,7 @@ def test_sigkill_then_resume_gives_the_same_metrics(bank_path, tmp_path, uninter
     proc.wait()
     killed_at = checkpoint_step(out / "checkpoint.safetensors")
     assert 40 <= killed_at < 120 and not (out / "metrics.json").exists()
-    resumed = run_script("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS)
+    resumed = run_inline("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS)
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == uninterrupted  # the whole file: same seed and device give the same metrics.json
@@ -78,13 +78,13 @@ def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(bank_path, tmp_path)
 
 
 def test_resume_refuses_changed_settings_or_missing_checkpoint(bank_path, tmp_path, uninterrupted):
-    proc = run_script("--bank", str(bank_path), "--out", str(tmp_path / "none"), "--resume", *ARGS)
+    proc = run_inline("--bank", str(bank_path), "--out", str(tmp_path / "none"), "--resume", *ARGS)
     assert proc.returncode == 2 and "holds no checkpoint" in proc.stderr
     out = tmp_path / "run"
     first = start_and_wait(bank_path, out, min_step=20)
     first.kill()
     first.wait()
-    proc = run_script("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS[:-1], "--svi.lr", "0.1", "--quiet")
+    proc = run_inline("--bank", str(bank_path), "--out", str(out), "--resume", *ARGS[:-1], "--svi.lr", "0.1", "--quiet")
     assert proc.returncode == 2 and "other settings (svi)" in proc.stderr
 
 

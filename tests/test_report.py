@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
+
 from vtvc_pyro.diagnostics import az
 from vtvc_pyro.report import layer_inclusion, summarize
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, run_inline
 
 FIGURES = ("elbo", "inclusion_heatmap", "lambda_forest", "sample_profiles", "reliability", "accuracy_coverage",
            "uncertainty_vs_error")
@@ -31,7 +33,14 @@ def test_summaries_are_consistent(short_run):
     summary = summarize(idata)
     assert len(summary["per_block"]) == 11 * 32 and len(summary["per_task"]) == 11
     row = summary["per_block"][0]
-    assert row["sample_mean_lam_hdi"][0] <= row["sample_mean_lam_hdi"][1] and row["lam_mcse"] >= 0
+    assert row["sample_mean_lam_hdi"][0] <= row["sample_mean_lam_hdi"][1]
+    # the MC error of the image-averaged λ: sd over the (independent) draws / sqrt(draws), from the file's own draws
+    lam = idata.posterior["lam"]
+    means = lam.values.mean(lam.dims.index("image")).reshape(-1, lam.sizes["task"], lam.sizes["block"])
+    sd = means.std(0)
+    mcse = np.array([r["lam_mcse"] for r in summary["per_block"]]).reshape(sd.shape)
+    assert np.isfinite(mcse).all() and np.allclose(mcse, sd / np.sqrt(len(means)), rtol=1e-5, atol=1e-9)
+    assert (mcse[sd > 0] < sd[sd > 0]).all() and (mcse > 0).any()
     assert all(x >= -1e-9 for x in summary["per_sample"]["mutual_information"])
     assert 0 <= summary["kept_fraction"] <= 1
 
@@ -40,9 +49,9 @@ def test_report_script_rebuilds_figures(short_run):
     out, _ = short_run
     for png in (out / "figures").glob("*.png"):
         png.unlink()
-    refused = run_script(str(out), script="report.py")
+    refused = run_inline(str(out), script="report.py")
     assert refused.returncode == 2 and "--overwrite" in refused.stderr  # summary.json is there
-    proc = run_script(str(out), "--overwrite", script="report.py")
+    proc = run_inline(str(out), "--overwrite", script="report.py")
     assert proc.returncode == 0, proc.stderr
     for name in FIGURES:
         assert (out / "figures" / f"{name}.png").stat().st_size > 5000, name
@@ -50,7 +59,7 @@ def test_report_script_rebuilds_figures(short_run):
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
-    proc = run_script(str(tmp_path), script="report.py")
+    proc = run_inline(str(tmp_path), script="report.py")
     assert proc.returncode == 2 and "posterior.nc" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 

@@ -3,6 +3,7 @@
 import json
 
 import arviz as az
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -70,7 +71,16 @@ def test_posterior_is_arviz_native(short_run, tmp_path):
     labels = idata.observed_data["obs"].values
     log_lik = np.log(np.take_along_axis(probs, labels[None, None, :, None], -1)[..., 0])
     assert np.allclose(idata.log_likelihood["obs"].values, log_lik, atol=1e-5)
-    assert az.plot_ppc(idata, kind="scatter", num_pp_samples=4, random_seed=0) is not None
+    axes = np.ravel(az.plot_ppc(idata, kind="scatter", num_pp_samples=4, random_seed=0))
+    assert len(axes) == 1  # one observed variable
+    lines = axes[0].get_lines()
+    observed = [line.get_xdata() for line in lines if line.get_label() == "Observed"]
+    assert len(observed) == 1 and np.array_equal(observed[0], labels)
+    # the 4 predictive rows drawn are the 4 draws of obs (all of them: the run kept 4)
+    drawn = [tuple(line.get_xdata()) for line in lines
+             if line.get_marker() == "o" and line.get_zorder() == 2 and len(line.get_xdata())]  # not the legend's
+    assert sorted(drawn) == sorted(map(tuple, obs.values.reshape(-1, obs.sizes["image"])))
+    plt.close("all")
     loo = az.loo(idata)
     assert np.isfinite(loo["elpd_loo"])
     ranked = az.compare({"run": idata, "again": idata})
@@ -83,7 +93,7 @@ def test_posterior_is_arviz_native(short_run, tmp_path):
 def test_existing_out_is_refused_and_kept(short_run):
     out, _ = short_run
     before = (out / "metrics.json").read_bytes()
-    proc = run_script("--out", str(out), "--svi.steps", "1")
+    proc = run_inline("--out", str(out), "--svi.steps", "1")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "--overwrite" in proc.stderr
     assert (out / "metrics.json").read_bytes() == before

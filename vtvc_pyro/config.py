@@ -4,6 +4,13 @@ This module imports nothing heavy (no torch), so that ``vtvc --help`` answers at
 line (:mod:`vtvc_pyro.cli`) generates its flags, defaults and help from these classes, and a run's
 ``config.json`` is one of them written as JSON, which ``vtvc fit --config`` reads back.
 
+The library's settings (:class:`FitConfig`, :class:`GridConfig`, ...) come first; each subcommand's
+settings (:class:`FitCommand`, :class:`ReportCommand`, ...) follow: a library class plus what only the
+command line has (``--out``, ``--overwrite``, ``--quiet``, ...). A field's help is its line under
+``Args:`` in its class's docstring (base classes included). Field metadata says how the command line
+takes a field when it is not a plain ``--name VALUE`` flag: :func:`switch` (a bare ``--quiet``),
+:func:`positional` (``vtvc report RUN_DIR``) or :func:`unlisted` (accepted, not in ``--help``).
+
 Names that live in registries (priors, guides, baselines) are plain strings here and are checked
 where the registry is, when a command runs; ``vtvc fit --list_priors`` etc. list them.
 
@@ -17,8 +24,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Optional
 
 from .errors import ConfigError
 
@@ -31,7 +38,12 @@ def home() -> str:
     return os.environ.get("VTVC_HOME") or platformdirs.user_cache_dir("vtvc_pyro", appauthor=False)
 
 
-DEFAULT_BANK = os.environ.get("VTVC_BANK") or os.path.join(home(), "banks", "embedded")
+def default_bank() -> str:
+    """``$VTVC_BANK``, else ``<home()>/banks/embedded``: where the embedded bank is built on first use."""
+    return os.environ.get("VTVC_BANK") or os.path.join(home(), "banks", "embedded")
+
+
+DEFAULT_BANK = default_bank()
 """Where the embedded bank is built on first use: ``$VTVC_BANK``, else ``<home()>/banks/embedded``
 (``--bank`` overrides it per command)."""
 
@@ -421,3 +433,327 @@ class BenchAdditionConfig:
         for name in ("batch", "components"):
             if not all(v > 0 for v in getattr(self, name)):
                 raise ConfigError(f"every {name} must be > 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------- the command line's own settings
+
+CLI = "cli"
+"""Field metadata key: how the command line takes a field that is not a plain ``--name VALUE`` flag."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def switch(*aliases: str) -> Any:
+    """A bool field given as a bare flag (``--quiet``, or an alias such as ``-v``): false unless present."""
+    return field(default=False, metadata={CLI: "switch", "aliases": aliases})
+
+
+def positional(**kwargs) -> Any:
+    """A field the command line takes by position (``vtvc report RUN_DIR``; a list takes one or more)."""
+    return field(metadata={CLI: "positional"}, **kwargs)
+
+
+def unlisted(default=None) -> Any:
+    """A field the command line accepts (from ``--config`` files too) but leaves out of ``--help``."""
+    return field(default=default, metadata={CLI: "unlisted"})
+
+
+def cli_kind(f) -> str:
+    """``flag`` (``--name VALUE``), ``switch``, ``positional`` or ``unlisted`` for a dataclass field."""
+    return f.metadata.get(CLI, "flag")
+
+
+def settings_of(settings, cls: type):
+    """The ``cls`` part of a command's settings: ``settings_of(FitCommand(...), FitConfig)`` is the
+    ``FitConfig`` that ``run_fit`` takes and ``config.json`` holds (no ``--out``, no ``--quiet``)."""
+    return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
+@dataclass(kw_only=True)
+class MainOptions:
+    """Options of ``vtvc`` itself, before the subcommand.
+
+    Args:
+        verbose: log progress (the same as --log_level INFO).
+        log_level: logging level.
+    """
+
+    verbose: bool = switch("-v")
+    log_level: Literal[LOG_LEVELS] = "WARNING"
+
+
+@dataclass(kw_only=True)
+class _Overwrite:
+    """``--overwrite``: the same meaning in every command that writes.
+
+    Args:
+        overwrite: replace what --out already holds (refused without it).
+    """
+
+    overwrite: bool = switch()
+
+
+@dataclass(kw_only=True)
+class _Quiet:
+    """``--quiet``: the same meaning in every command that shows progress.
+
+    Args:
+        quiet: no progress bars.
+    """
+
+    quiet: bool = switch()
+
+
+@dataclass(kw_only=True)
+class FitCommand(_Quiet, _Overwrite, FitConfig):
+    """Every setting of a fit (``config.json`` holds those of FitConfig) and the command line's own.
+
+    Args:
+        out: run folder (default runs/<target>-<timestamp>).
+        resume: continue the run in --out from its last checkpoint.
+        dry_run: resolve bank, data, device and the composition plan, print them, write nothing.
+        list_priors: list the priors and exit.
+        list_guides: list the guides and exit.
+        list_baselines: list the baselines and exit.
+        run: what a run recorded (config.json's "run" block): accepted so that the file replays, otherwise ignored.
+    """
+
+    out: Optional[str] = None
+    resume: bool = switch()
+    dry_run: bool = switch()
+    list_priors: bool = switch()
+    list_guides: bool = switch()
+    list_baselines: bool = switch()
+    run: Optional[dict] = unlisted()
+
+
+@dataclass(kw_only=True)
+class AblateCommand(_Quiet, _Overwrite, GridConfig):
+    """What an ablation grid runs (GridConfig) and where it writes.
+
+    Args:
+        quick: start from the smoke grid (one seed, 30 steps).
+        out: grid folder (default runs/ablation, or runs/ablation-quick with --quick).
+        max_cells: run at most this many unfinished cells, then stop.
+        list_methods: list the default grid's methods and exit.
+    """
+
+    quick: bool = switch()
+    out: Optional[str] = None
+    max_cells: Optional[int] = None
+    list_methods: bool = switch()
+
+
+@dataclass(kw_only=True)
+class NegateCommand(_Quiet, _Overwrite, NegationConfig):
+    """Task negation's settings (NegationConfig) and where it writes.
+
+    Args:
+        out: folder of negation.json.
+    """
+
+    out: Optional[str] = "runs/negation"
+
+
+@dataclass(kw_only=True)
+class ReportCommand:
+    """Which run folder to report on.
+
+    Args:
+        run_dir: a folder written by `vtvc fit`.
+        overwrite: replace the summary and figures already there.
+    """
+
+    run_dir: str = positional()
+    overwrite: bool = switch()
+
+
+SplitName = Literal["train", "val", "test"]
+
+
+@dataclass(kw_only=True)
+class PredictCommand(_Overwrite):
+    """Which run predicts what, and where the CSV goes.
+
+    Args:
+        run_dir: a folder written by `vtvc fit`.
+        data: imagefolder:PATH (any folder of images, read recursively) or a data set spec (its --split).
+        split: split of a data set spec (ignored for imagefolder:).
+        task: task-addition runs: the task whose classes to predict.
+        num_samples: posterior draws (default: the run's eval_samples).
+        device: cpu, cuda[:N] or auto.
+        out: output CSV file.
+    """
+
+    run_dir: str = positional()
+    data: str
+    split: SplitName = "test"
+    task: Optional[str] = None
+    num_samples: Optional[int] = None
+    device: str = "cpu"
+    out: str
+
+
+@dataclass(kw_only=True)
+class TableCommand(_Overwrite):
+    """Which run folders to tabulate, and where.
+
+    Args:
+        run_dirs: folders written by `vtvc fit` (one protocol; seeds are averaged).
+        reference: add published rows of this model (ViT-B-32, ViT-B-16, ViT-L-14) for the data sets the runs have.
+        out: write OUT.md and OUT.csv (default: print the Markdown only).
+    """
+
+    run_dirs: list[str] = positional()
+    reference: Optional[str] = None
+    out: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class ExportCommand(_Quiet, _Overwrite):
+    """Which run to export, and where.
+
+    Args:
+        run_dir: a folder written by `vtvc fit`.
+        out: output folder for open_clip.create_model_and_transforms('local-dir:OUT'), or a .safetensors file (state dict only).
+        split: split whose posterior mean is exported.
+        evaluate: folder export: score the exported model on the test split for the model card.
+    """
+
+    run_dir: str = positional()
+    out: str
+    split: SplitName = "test"
+    evaluate: bool = True
+
+
+@dataclass(kw_only=True)
+class BankBuildCommand(_Quiet, _Overwrite, BuildConfig):
+    """Settings of the embedded bank (BuildConfig) and where it goes.
+
+    Args:
+        out: bank folder (a complete one is reused unless --overwrite).
+    """
+
+    out: Optional[str] = DEFAULT_BANK
+
+
+@dataclass(kw_only=True)
+class BankImportCommand(_Quiet, _Overwrite):
+    """What to import, and where the bank goes.
+
+    Args:
+        arch: open_clip architecture, e.g. ViT-B-32-quickgelu.
+        base: open_clip weights of the pre-trained CLIP (.pt/.bin/.safetensors).
+        checkpoints: task_vectors/aTLAS folder: zeroshot.pt and <Task>[Val]/[nonlinear_]finetuned.pt.
+        finetuned: more checkpoints, {NAME: PATH, ...}.
+        zeroshot: the zero-shot image encoder the vectors are relative to.
+        hf_vision: Hugging Face CLIPVisionModel folders or cached hub ids, one per task (NAME=DIR_OR_ID to name one; safetensors only); repeat the flag or give a list.
+        hf_base: the Hugging Face CLIP (folder or cached hub id) the --hf_vision vectors are relative to.
+        tasks: import only these tasks.
+        trust_pickle: allow reading pickled checkpoints (runs code from the file: only for sources you trust).
+        dtype: task-vector storage dtype.
+        out: bank folder to write.
+    """
+
+    arch: str
+    base: Optional[str] = None
+    checkpoints: Optional[str] = None
+    finetuned: dict[str, str] = field(default_factory=dict)
+    zeroshot: Optional[str] = None
+    hf_vision: list[str] = field(default_factory=list)
+    hf_base: Optional[str] = None
+    tasks: Optional[list[str]] = None
+    trust_pickle: bool = switch()
+    dtype: StorageDtype = "float32"
+    out: str
+
+
+@dataclass(kw_only=True)
+class BankTruncateCommand(_Overwrite):
+    """How to truncate a bank, and what to report.
+
+    Args:
+        bank: bank folder.
+        rank: singular directions kept per matrix.
+        energy: or the fraction of squared singular values kept.
+        dtype: storage dtype.
+        out: write the low-rank bank here (.safetensors).
+        report: ranks to evaluate, e.g. [2,4,8,16].
+        report_energy: kept energies to evaluate, e.g. [0.5,0.9].
+        report_out: write the report here (JSON).
+    """
+
+    bank: str = DEFAULT_BANK
+    rank: Optional[int] = None
+    energy: Optional[float] = None
+    dtype: Optional[StorageDtype] = None
+    out: Optional[str] = None
+    report: list[int] = field(default_factory=list)
+    report_energy: list[float] = field(default_factory=list)
+    report_out: Optional[str] = None
+
+
+# `bank finetune` and `bank pretrain` are the embedded bank's two stages one at a time: their defaults are BuildConfig's
+@dataclass(kw_only=True)
+class BankFinetuneCommand(_Quiet, _Overwrite):
+    """One fine-tuning run (defaults: the embedded bank's, BuildConfig).
+
+    Args:
+        base: base CLIP weights (.safetensors, .pt) or an open_clip tag.
+        arch: open_clip architecture.
+        data: data set spec (suite name or imagefolder:PATH).
+        name: task name stored in the file.
+        steps: fine-tuning steps.
+        batch_size: images per step.
+        lr: learning rate.
+        dtype: storage dtype.
+        seed: seed of the data pools and the optimiser.
+        out: task-vector file (.safetensors).
+    """
+
+    base: str
+    arch: str = BuildConfig.arch
+    data: str
+    name: Optional[str] = None
+    steps: int = BuildConfig.finetune_steps
+    batch_size: int = BuildConfig.batch_size
+    lr: float = BuildConfig.finetune_lr
+    dtype: StorageDtype = BuildConfig.dtype
+    seed: int = BuildConfig.seed
+    out: str
+
+
+@dataclass(kw_only=True)
+class BankPretrainCommand(_Quiet, _Overwrite):
+    """The pretraining run (defaults: the embedded bank's, BuildConfig).
+
+    Args:
+        arch: open_clip architecture.
+        steps: pretraining steps.
+        batch_size: images per step.
+        lr: learning rate.
+        seed: seed of the corpus and the optimiser.
+        out: weights file (.safetensors).
+    """
+
+    arch: str = BuildConfig.arch
+    steps: int = BuildConfig.pretrain_steps
+    batch_size: int = BuildConfig.batch_size
+    lr: float = BuildConfig.pretrain_lr
+    seed: int = BuildConfig.seed
+    out: Optional[str] = "base.safetensors"
+
+
+@dataclass(kw_only=True)
+class DataCheckCommand:
+    """Which data sets to check, and where.
+
+    Args:
+        root: data root.
+        datasets: only these (default all 8).
+        download: let torchvision download what it can.
+    """
+
+    root: str
+    datasets: Optional[list[str]] = None
+    download: bool = switch()

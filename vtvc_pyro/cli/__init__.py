@@ -1,11 +1,13 @@
 """The ``vtvc`` command (also ``python -m vtvc_pyro``): one subcommand per thing the project does.
 
-Flags come from the dataclasses of :mod:`vtvc_pyro.config` through jsonargparse, so every setting
-has one, named as its field (``--svi.kl_weight``), with its default and docstring in ``--help``.
+The subcommands are the lines of :data:`~vtvc_pyro.cli.commands.COMMANDS` (path, description,
+settings dataclass, handler). Every flag comes from a field of a dataclass of :mod:`vtvc_pyro.config`
+through jsonargparse, named as its field (``--svi.kl_weight``), with its default and its line of the
+class docstring in ``--help``; the few positionals (``vtvc report RUN_DIR``) are fields too.
 jsonargparse also gives ``--config FILE`` (JSON or YAML, e.g. a run's own ``config.json``) and
 ``--print_config``. List values are YAML/JSON lists everywhere: ``--baselines [atlas,ties]``, ``[]``
-for none. Only this module and :mod:`vtvc_pyro.config` are imported before a command runs, so
-``--help`` answers at once; the command imports what it needs (:mod:`.commands`).
+for none. Building the parser imports nothing heavy (the handlers of :mod:`.commands` import what they
+need when they run), so ``--help`` answers at once.
 
 Usage::
 
@@ -22,6 +24,7 @@ import sys
 import typing
 from dataclasses import fields, is_dataclass
 
+import docstring_parser
 from jsonargparse import (
     ActionConfigFile,
     ArgumentParser,
@@ -31,237 +34,84 @@ from jsonargparse import (
 
 from .. import config
 from ..errors import VTVCError
-from . import commands
+from .commands import COMMANDS, Command
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+__all__ = ["COMMANDS", "Command", "build_parser", "build_settings", "main", "entry_point"]
 
 
-def _parser(description: str, settings: type | None = None) -> ArgumentParser:
-    """A subcommand's parser: ``--config`` first (later flags override the file), then ``settings``' fields."""
-    parser = ArgumentParser(description=description, formatter_class=DefaultHelpFormatter, exit_on_error=False)
+def _field_help(cls: type, name: str) -> str | None:
+    """``name``'s line under ``Args:`` in the docstring of ``cls`` or of its nearest base that has one."""
+    for klass in cls.__mro__:
+        for param in docstring_parser.parse(klass.__doc__ or "").params:
+            if param.arg_name == name:
+                return param.description
+    return None
+
+
+def add_settings(parser: ArgumentParser, settings: type) -> None:
+    """The fields of the ``settings`` dataclass as arguments of ``parser``.
+
+    Plain fields go through jsonargparse (``--name VALUE``, nested dataclasses as ``--svi.steps``); the
+    others as their metadata says (:func:`vtvc_pyro.config.switch`, ``positional``, ``unlisted``).
+    """
+    hints = typing.get_type_hints(settings)
+    special = [f for f in fields(settings) if config.cli_kind(f) != "flag"]
+    # positionals are the one exception to `--name VALUE`: they keep the documented command lines
+    # (`vtvc report RUN_DIR`, `vtvc table RUN1 RUN2`) working; jsonargparse takes only flags from a dataclass
+    for f in special:
+        if config.cli_kind(f) == "positional":
+            many = typing.get_origin(hints[f.name]) is list
+            parser.add_argument(f.name, nargs="+" if many else None, help=_field_help(settings, f.name))
+    parser.add_class_arguments(settings, nested_key=None, as_group=True, skip={f.name for f in special})
+    group = parser.groups.get(settings.__name__, parser) if hasattr(parser, "groups") else parser
+    for f in special:
+        # a switch is a bare flag: jsonargparse's bool flags want a value (`--routing false`), and an optional
+        # value would swallow the positional after it (`vtvc export --overwrite RUN_DIR`)
+        if config.cli_kind(f) == "switch":
+            group.add_argument(*f.metadata["aliases"], f"--{f.name}", action="store_true",
+                               help=_field_help(settings, f.name))
+        elif config.cli_kind(f) == "unlisted":
+            group.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=argparse.SUPPRESS)
+
+
+def _parser(command: Command) -> ArgumentParser:
+    """A subcommand's parser: ``--config`` first (later flags override the file), then its settings."""
+    parser = ArgumentParser(description=command.help, formatter_class=DefaultHelpFormatter, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="settings from a JSON or YAML file (later flags win)")
-    if settings is not None:
-        parser.add_class_arguments(settings, nested_key=None, as_group=True)
+    if command.settings is not None:
+        add_settings(parser, command.settings)
     return parser
 
 
-def _add_out(parser: ArgumentParser, what: str, default: str | None = None, required: bool = False) -> None:
-    """``--out`` and ``--overwrite``: the same meaning in every command that writes."""
-    parser.add_argument("--out", type=typing.Optional[str], default=default, required=required, help=what)
-    parser.add_argument("--overwrite", action="store_true", help="replace what --out already holds (refused without it)")
+def _tree(commands: typing.Iterable[Command]) -> dict:
+    """``{"fit": Command, "bank": {"build": Command, ...}, ...}`` from the table's paths."""
+    tree: dict = {}
+    for command in commands:
+        node = tree
+        for name in command.path[:-1]:
+            node = node.setdefault(name, {})
+        node[command.path[-1]] = command
+    return tree
 
 
-def _add_quiet(parser: ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _fit_parser() -> ArgumentParser:
-    parser = _parser("Fit VTVC by SVI on a held-out target and compare it with the baselines.", config.FitConfig)
-    _add_out(parser, "run folder (default runs/<target>-<timestamp>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="resolve bank, data, device and the composition plan, print them, write nothing")
-    _add_quiet(parser)
-    for name in ("priors", "guides", "baselines"):
-        parser.add_argument(f"--list_{name}", action="store_true", help=f"list the {name} and exit")
-    # what a run recorded (config.json's "run" block): accepted so the file replays, otherwise ignored
-    parser.add_argument(f"--{config.RUN_RECORD}", type=typing.Optional[dict], default=None, help=argparse.SUPPRESS)
-    return parser
-
-
-def _ablate_parser() -> ArgumentParser:
-    parser = _parser("Run an ablation grid (targets x methods x seeds); resumable, one file per cell.",
-                     config.GridConfig)
-    parser.add_argument("--quick", action="store_true", help="start from the smoke grid (one seed, 30 steps)")
-    _add_out(parser, "grid folder (default runs/ablation, or runs/ablation-quick with --quick)")
-    parser.add_argument("--max_cells", type=typing.Optional[int], default=None,
-                        help="run at most this many unfinished cells, then stop")
-    parser.add_argument("--list_methods", action="store_true", help="list the default grid's methods and exit")
-    _add_quiet(parser)
-    return parser
-
-
-def _negate_parser() -> ArgumentParser:
-    parser = _parser("Task negation: forget one task's vector while keeping a control task.", config.NegationConfig)
-    _add_out(parser, "folder of negation.json", default="runs/negation")
-    _add_quiet(parser)
-    return parser
-
-
-def _report_parser() -> ArgumentParser:
-    parser = _parser("Rebuild summary.json and the figures of a run folder from its files.")
-    parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
-    parser.add_argument("--overwrite", action="store_true", help="replace the summary and figures already there")
-    return parser
-
-
-def _predict_parser() -> ArgumentParser:
-    parser = _parser("Apply a fitted run to new images: class probabilities, uncertainty and per-image composition (CSV).")
-    parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
-    parser.add_argument("--data", required=True,
-                        help="imagefolder:PATH (any folder of images, read recursively) or a data set spec (its --split)")
-    parser.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
-                        help="split of a data set spec (ignored for imagefolder:)")
-    parser.add_argument("--task", type=typing.Optional[str], default=None,
-                        help="task-addition runs: the task whose classes to predict")
-    parser.add_argument("--num_samples", type=typing.Optional[int], default=None,
-                        help="posterior draws (default: the run's eval_samples)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
-    _add_out(parser, "output CSV file", required=True)
-    return parser
-
-
-def _table_parser() -> ArgumentParser:
-    parser = _parser("Results table (methods x tasks, average, normalized average) of run folders, Markdown and CSV.")
-    parser.add_argument("run_dirs", nargs="+", help="folders written by `vtvc fit` (one protocol; seeds are averaged)")
-    parser.add_argument("--reference", type=typing.Optional[str], default=None,
-                        help="add published rows of this model (ViT-B-32, ViT-B-16, ViT-L-14) for the data sets the runs have")
-    _add_out(parser, "write OUT.md and OUT.csv (default: print the Markdown only)")
-    return parser
-
-
-def _export_parser() -> ArgumentParser:
-    parser = _parser("Export a run's posterior-mean composition as open_clip weights: a local-dir: folder "
-                     "(config, weights, model card) or one .safetensors file.")
-    parser.add_argument("run_dir", help="a folder written by `vtvc fit`")
-    _add_out(parser, "output folder for open_clip.create_model_and_transforms('local-dir:OUT'), "
-                     "or a .safetensors file (state dict only)", required=True)
-    parser.add_argument("--split", type=typing.Literal["train", "val", "test"], default="test",
-                        help="split whose posterior mean is exported")
-    parser.add_argument("--evaluate", type=bool, default=True,
-                        help="folder export: score the exported model on the test split for the model card")
-    _add_quiet(parser)
-    return parser
-
-
-def _bank_build_parser() -> ArgumentParser:
-    parser = _parser("Build the embedded bank: pretrain the tiny CLIP, fine-tune the suite's sources.",
-                     config.BuildConfig)
-    _add_out(parser, "bank folder (a complete one is reused unless --overwrite)", default=config.DEFAULT_BANK)
-    _add_quiet(parser)
-    return parser
-
-
-def _bank_import_parser() -> ArgumentParser:
-    parser = _parser("Import published fine-tuned checkpoints (task_vectors/aTLAS, open_clip) as a bank.")
-    parser.add_argument("--arch", type=str, required=True, help="open_clip architecture, e.g. ViT-B-32-quickgelu")
-    parser.add_argument("--base", type=typing.Optional[str], default=None,
-                        help="open_clip weights of the pre-trained CLIP (.pt/.bin/.safetensors)")
-    parser.add_argument("--checkpoints", type=typing.Optional[str], default=None,
-                        help="task_vectors/aTLAS folder: zeroshot.pt and <Task>[Val]/[nonlinear_]finetuned.pt")
-    parser.add_argument("--finetuned", type=dict[str, str], default={}, help="more checkpoints, {NAME: PATH, ...}")
-    parser.add_argument("--zeroshot", type=typing.Optional[str], default=None,
-                        help="the zero-shot image encoder the vectors are relative to")
-    parser.add_argument("--hf_vision", type=list[str], default=[],
-                        help="Hugging Face CLIPVisionModel folders or cached hub ids, one per task (NAME=DIR_OR_ID to "
-                             "name one; safetensors only); repeat the flag or give a list")
-    parser.add_argument("--hf_base", type=typing.Optional[str], default=None,
-                        help="the Hugging Face CLIP (folder or cached hub id) the --hf_vision vectors are relative to")
-    parser.add_argument("--tasks", type=typing.Optional[list[str]], default=None, help="import only these tasks")
-    parser.add_argument("--trust_pickle", action="store_true",
-                        help="allow reading pickled checkpoints (runs code from the file: only for sources you trust)")
-    parser.add_argument("--dtype", type=config.StorageDtype, default="float32", help="task-vector storage dtype")
-    _add_out(parser, "bank folder to write", required=True)
-    _add_quiet(parser)
-    return parser
-
-
-def _bank_truncate_parser() -> ArgumentParser:
-    parser = _parser("Truncate a bank's task vectors to low rank, and/or report what truncation costs.")
-    parser.add_argument("--bank", type=str, default=config.DEFAULT_BANK, help="bank folder")
-    parser.add_argument("--rank", type=typing.Optional[int], default=None, help="singular directions kept per matrix")
-    parser.add_argument("--energy", type=typing.Optional[float], default=None,
-                        help="or the fraction of squared singular values kept")
-    parser.add_argument("--dtype", type=typing.Optional[config.StorageDtype], default=None, help="storage dtype")
-    _add_out(parser, "write the low-rank bank here (.safetensors)")
-    parser.add_argument("--report", type=list[int], default=[], help="ranks to evaluate, e.g. [2,4,8,16]")
-    parser.add_argument("--report_energy", type=list[float], default=[], help="kept energies to evaluate, e.g. [0.5,0.9]")
-    parser.add_argument("--report_out", type=typing.Optional[str], default=None, help="write the report here (JSON)")
-    return parser
-
-
-def _bank_finetune_parser() -> ArgumentParser:
-    parser = _parser("Fine-tune the image tower of a base CLIP on one data set and save its task vector.")
-    parser.add_argument("--base", type=str, required=True, help="base CLIP weights (.safetensors, .pt) or an open_clip tag")
-    parser.add_argument("--arch", type=str, default=config.TINY_MODEL, help="open_clip architecture")
-    parser.add_argument("--data", type=str, required=True, help="data set spec (suite name or imagefolder:PATH)")
-    parser.add_argument("--name", type=typing.Optional[str], default=None, help="task name stored in the file")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    parser.add_argument("--batch_size", type=int, default=128, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    parser.add_argument("--dtype", type=config.StorageDtype, default="float32", help="storage dtype")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data pools and the optimiser")
-    _add_out(parser, "task-vector file (.safetensors)", required=True)
-    _add_quiet(parser)
-    return parser
-
-
-def _bank_pretrain_parser() -> ArgumentParser:
-    parser = _parser("Pretrain the tiny open_clip CLIP on the offline corpus (the embedded bank's base).")
-    parser.add_argument("--arch", type=str, default=config.TINY_MODEL, help="open_clip architecture")
-    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps")
-    parser.add_argument("--batch_size", type=int, default=128, help="images per step")
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus and the optimiser")
-    _add_out(parser, "weights file (.safetensors)", default="base.safetensors")
-    _add_quiet(parser)
-    return parser
-
-
-def _data_check_parser() -> ArgumentParser:
-    parser = _parser("Check that the 8 standard data sets are in place under a root folder.")
-    parser.add_argument("--root", type=str, required=True, help="data root")
-    parser.add_argument("--datasets", type=typing.Optional[list[str]], default=None, help="only these (default all 8)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download what it can")
-    return parser
-
-
-def _bench_composition_parser() -> ArgumentParser:
-    return _parser("Benchmark per-sample composition against a base pass and the naive loop.",
-                   config.BenchCompositionConfig)
-
-
-def _bench_memory_parser() -> ArgumentParser:
-    return _parser("Peak memory of one SVI step at real scale (random weights).", config.BenchMemoryConfig)
-
-
-def _bench_addition_parser() -> ArgumentParser:
-    return _parser("One SVI step of task addition against one aTLAS step on the same batch (random weights).",
-                   config.BenchAdditionConfig)
-
-
-COMMANDS = {
-    "fit": _fit_parser, "ablate": _ablate_parser, "negate": _negate_parser, "report": _report_parser,
-    "export": _export_parser, "table": _table_parser, "predict": _predict_parser,
-    "bank": {"build": _bank_build_parser, "import": _bank_import_parser, "truncate": _bank_truncate_parser,
-             "finetune": _bank_finetune_parser, "pretrain": _bank_pretrain_parser},
-    "data": {"check": _data_check_parser},
-    "bench": {"composition": _bench_composition_parser, "memory": _bench_memory_parser,
-              "addition": _bench_addition_parser},
-}
-"""Subcommand name -> parser factory, or a group of them (``vtvc bank build``)."""
-
-
-def _add_commands(parser: ArgumentParser, table: dict, dest: str) -> None:
+def _add_commands(parser: ArgumentParser, tree: dict, dest: str) -> None:
     sub = parser.add_subcommands(dest=dest)
-    for name, entry in table.items():
+    for name, entry in tree.items():
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"vtvc {name} subcommands", formatter_class=DefaultHelpFormatter,
                                    exit_on_error=False)
             sub.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")  # jsonargparse: parents first
             _add_commands(group, entry, f"{name}_command")
         else:
-            child = entry()
-            sub.add_subcommand(name, child, help=child.description)
+            sub.add_subcommand(name, _parser(entry), help=entry.help)
 
 
 def build_parser() -> ArgumentParser:
     """The whole ``vtvc`` parser (cheap: no heavy import)."""
     parser = ArgumentParser(prog="vtvc", description="Variational Task Vector Composition over open_clip CLIP models.",
                             formatter_class=DefaultHelpFormatter, exit_on_error=False)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (the same as --log_level INFO)")
-    parser.add_argument("--log_level", type=typing.Literal[LOG_LEVELS], default="WARNING", help="logging level")
-    _add_commands(parser, COMMANDS, "command")
+    add_settings(parser, config.MainOptions)
+    _add_commands(parser, _tree(COMMANDS), "command")
     return parser
 
 
@@ -275,17 +125,15 @@ def build_settings(cls: type, ns: Namespace):
     return cls(**values)
 
 
-def _selected(ns: Namespace) -> tuple[list[str], Namespace]:
-    """``(["bank", "build"], that command's namespace)`` for a parsed command line."""
-    path, table, node = [], COMMANDS, ns
-    key = "command"
+def _selected(ns: Namespace) -> tuple[Command, Namespace]:
+    """The table's line of a parsed command line, and that subcommand's namespace."""
+    node, key = _tree(COMMANDS), "command"
     while True:
-        name = node[key]
-        path.append(name)
-        node = node[name]
-        if not isinstance(table[name], dict):
-            return path, node
-        table, key = table[name], f"{name}_command"
+        name = ns[key]
+        entry, ns = node[name], ns[name]
+        if isinstance(entry, Command):
+            return entry, ns
+        node, key = entry, f"{name}_command"
 
 
 REPEATABLE = ("--sweep", "--hf_vision")
@@ -312,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = "INFO" if ns.verbose and ns.log_level == "WARNING" else ns.log_level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    path, options = _selected(ns)
-    try:
-        commands.run(path, options, build_settings)
+    command, options = _selected(ns)
+    try:  # building the settings validates some of them (ConfigError)
+        command.handler(None if command.settings is None else build_settings(command.settings, options))
     except VTVCError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

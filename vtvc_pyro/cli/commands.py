@@ -1,15 +1,20 @@
-"""What each ``vtvc`` subcommand does: parse nothing, call the library, print the result.
+"""Every ``vtvc`` subcommand: its handler (parse nothing, call the library, print the result) and its
+line in :data:`COMMANDS`, the one table the parser is built from.
 
-Heavy packages (torch, pyro, open_clip, arviz) are imported inside the functions, so that building
+A handler takes the subcommand's settings, an instance of its dataclass in :mod:`vtvc_pyro.config`.
+Heavy packages (torch, pyro, open_clip, arviz) are imported inside the handlers, so that building
 the parser and ``--help`` stay fast.
+
+Adding a subcommand: a settings dataclass in :mod:`vtvc_pyro.config` (if it has settings), a handler
+here, and one line in :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .. import config
 from ..errors import ConfigError
@@ -20,14 +25,14 @@ def _refuse_existing(path: Path, overwrite: bool, fix: str = "pass another --out
         raise ConfigError(f"{path} exists: {fix}")
 
 
-def fit(opts, build: Callable) -> None:
+def fit(opts: config.FitCommand) -> None:
     if opts.list_priors or opts.list_guides or opts.list_baselines:
         return _list_registries(opts)
     from .. import distributed
     from ..protocols.fit import default_out, format_table, plan_fit, run_fit
     from ..report import build_report
 
-    cfg = build(config.FitConfig, opts)
+    cfg = config.settings_of(opts, config.FitConfig)
     if opts.dry_run:
         print(json.dumps(plan_fit(cfg), indent=2))
         return
@@ -42,7 +47,7 @@ def fit(opts, build: Callable) -> None:
     print(f"wrote {out} (and {len(summary['figures'])} figures; rebuild them with `vtvc report {out} --overwrite`)")
 
 
-def _list_registries(opts) -> None:
+def _list_registries(opts: config.FitCommand) -> None:
     from ..bayes.guide import GUIDES
     from ..bayes.priors import PRIORS
     from ..methods.baselines import KNOWN_BASELINES
@@ -57,10 +62,10 @@ def _list_registries(opts) -> None:
         print("\n".join(KNOWN_BASELINES))
 
 
-def ablate(opts, build: Callable) -> None:
+def ablate(opts: config.AblateCommand) -> None:
     from ..protocols.ablation import expand_methods, run_grid
 
-    grid = build(config.GridConfig, opts)
+    grid = config.settings_of(opts, config.GridConfig)
     if opts.quick:  # the smoke grid's settings where the command line left the defaults
         quick, default = config.GridConfig.quick(), config.GridConfig()
         grid = replace(grid, **{k: getattr(quick, k) for k in ("methods", "seeds", "steps", "eval_every", "eval_samples")
@@ -74,11 +79,11 @@ def ablate(opts, build: Callable) -> None:
     print(f"wrote {out}/ablation.csv, ablation.md, ablation.png; {left} cells left" + (" (run again)" if left else ""))
 
 
-def negate(opts, build: Callable) -> None:
+def negate(opts: config.NegateCommand) -> None:
     from ..io import write_json
     from ..protocols.negation import run_negation
 
-    cfg = build(config.NegationConfig, opts)
+    cfg = config.settings_of(opts, config.NegationConfig)
     path = Path(opts.out) / "negation.json"
     _refuse_existing(path, opts.overwrite)
     result = run_negation(cfg, progress=not opts.quiet)
@@ -92,7 +97,7 @@ def negate(opts, build: Callable) -> None:
     print(f"wrote {path}")
 
 
-def report(opts, build: Callable) -> None:
+def report(opts: config.ReportCommand) -> None:
     from ..report import build_report
     from ..run_folder import RunFolder
 
@@ -107,7 +112,7 @@ def report(opts, build: Callable) -> None:
         print(f"wrote {opts.run_dir}/{fig}")
 
 
-def predict(opts, build: Callable) -> None:
+def predict(opts: config.PredictCommand) -> None:
     from ..protocols.predict import Predictor
 
     out = Path(opts.out)
@@ -121,7 +126,7 @@ def predict(opts, build: Callable) -> None:
           f"mean mutual information {float(result.mutual_information.mean()):.3f}{wrong}")
 
 
-def table(opts, build: Callable) -> None:
+def table(opts: config.TableCommand) -> None:
     from ..io import atomic_write
     from ..tables import results_table, to_csv, to_markdown
 
@@ -135,7 +140,7 @@ def table(opts, build: Callable) -> None:
             print(f"wrote {path}")
 
 
-def export(opts, build: Callable) -> None:
+def export(opts: config.ExportCommand) -> None:
     from ..protocols.export import command_line, export_run
 
     if Path(opts.out).suffix == ".safetensors":
@@ -152,10 +157,10 @@ def export(opts, build: Callable) -> None:
         print(f"  {name:12s} mean λ̄ = {float(info['lam'][t].mean()):+.4f}")
 
 
-def bank_build(opts, build: Callable) -> None:
+def bank_build(opts: config.BankBuildCommand) -> None:
     from ..bank.store import build_embedded_bank
 
-    out = build_embedded_bank(opts.out, build(config.BuildConfig, opts), progress=not opts.quiet,
+    out = build_embedded_bank(opts.out, config.settings_of(opts, config.BuildConfig), progress=not opts.quiet,
                               overwrite=opts.overwrite)
     manifest = json.loads((out / "manifest.json").read_text())
     print(f"bank: {out}  (arch {manifest['arch']}, base {manifest['base_fingerprint']}, built in {manifest['build_seconds']} s)")
@@ -166,7 +171,7 @@ def bank_build(opts, build: Callable) -> None:
         print(f"{name + ' (target)':20s} {0.1:7.3f} {info['zeroshot_accuracy']:10.3f} {'-':>11s}")
 
 
-def bank_import(opts, build: Callable) -> None:
+def bank_import(opts: config.BankImportCommand) -> None:
     from ..bank.store import discover_checkpoints, import_bank, load_bank
 
     finetuned, zeroshot = {}, opts.zeroshot
@@ -203,7 +208,7 @@ def bank_import(opts, build: Callable) -> None:
         print(f"  {name:12s} |τ| = {info['norm']:.4f}   from {info['source']}")
 
 
-def bank_truncate(opts, build: Callable) -> None:
+def bank_truncate(opts: config.BankTruncateCommand) -> None:
     from ..bank.low_rank import relative_error, save_low_rank, truncate_bank
     from ..bank.store import load_bank
     from ..io import write_json
@@ -236,7 +241,7 @@ def bank_truncate(opts, build: Callable) -> None:
             print(f"wrote {opts.report_out}")
 
 
-def bank_finetune(opts, build: Callable) -> None:
+def bank_finetune(opts: config.BankFinetuneCommand) -> None:
     import copy
 
     from .. import backbone
@@ -261,7 +266,7 @@ def bank_finetune(opts, build: Callable) -> None:
           f"fine-tuned {training.accuracy(tuned, head, *test):.3f}; wrote {opts.out}")
 
 
-def bank_pretrain(opts, build: Callable) -> None:
+def bank_pretrain(opts: config.BankPretrainCommand) -> None:
     from .. import backbone
     from ..bank import training
     from ..data import specs, suite
@@ -282,7 +287,7 @@ def bank_pretrain(opts, build: Callable) -> None:
         print(f"  zero-shot {name:20s} {training.accuracy(model, head, *task.split('test')):.3f}")
 
 
-def data_check(opts, build: Callable) -> None:
+def data_check(opts: config.DataCheckCommand) -> None:
     from ..data.benchmarks import BENCHMARKS, load_benchmark
     from ..errors import DataError
 
@@ -304,33 +309,66 @@ def data_check(opts, build: Callable) -> None:
         raise DataError(f"{len(failed)} data set(s) missing under {opts.root}: {', '.join(failed)} (layouts above)")
 
 
-def bench_composition(opts, build: Callable) -> None:
+def bench_composition(opts: config.BenchCompositionConfig) -> None:
     from ..bench import composition
 
-    composition.main(build(config.BenchCompositionConfig, opts))
+    composition.main(opts)
 
 
-def bench_memory(opts, build: Callable) -> None:
+def bench_memory(opts: config.BenchMemoryConfig) -> None:
     from ..bench import memory
 
-    memory.main(build(config.BenchMemoryConfig, opts))
+    memory.main(opts)
 
 
-def bench_addition(opts, build: Callable) -> None:
+def bench_addition(opts: config.BenchAdditionConfig) -> None:
     from ..bench import addition
 
-    addition.main(build(config.BenchAdditionConfig, opts))
+    addition.main(opts)
 
 
-HANDLERS = {
-    ("fit",): fit, ("ablate",): ablate, ("negate",): negate, ("report",): report, ("export",): export, ("table",): table, ("predict",): predict,
-    ("bank", "build"): bank_build, ("bank", "import"): bank_import, ("bank", "truncate"): bank_truncate,
-    ("bank", "finetune"): bank_finetune, ("bank", "pretrain"): bank_pretrain, ("data", "check"): data_check,
-    ("bench", "composition"): bench_composition, ("bench", "memory"): bench_memory,
-    ("bench", "addition"): bench_addition,
-}
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its path (``("bank", "build")`` is ``vtvc bank build``), its one-line description,
+    its settings dataclass (every flag; None: no settings) and its handler (called with an instance of it)."""
+
+    path: tuple[str, ...]
+    help: str
+    settings: Optional[type]
+    handler: Callable
 
 
-def run(path: list[str], opts, build: Callable) -> None:
-    """Run the subcommand ``path`` (e.g. ``["bank", "build"]``) with its parsed options."""
-    HANDLERS[tuple(path)](opts, build)
+COMMANDS = (
+    Command(("fit",), "Fit VTVC by SVI on a held-out target and compare it with the baselines.", config.FitCommand, fit),
+    Command(("ablate",), "Run an ablation grid (targets x methods x seeds); resumable, one file per cell.",
+            config.AblateCommand, ablate),
+    Command(("negate",), "Task negation: forget one task's vector while keeping a control task.", config.NegateCommand,
+            negate),
+    Command(("report",), "Rebuild summary.json and the figures of a run folder from its files.", config.ReportCommand,
+            report),
+    Command(("export",), "Export a run's posterior-mean composition as open_clip weights: a local-dir: folder "
+            "(config, weights, model card) or one .safetensors file.", config.ExportCommand, export),
+    Command(("table",), "Results table (methods x tasks, average, normalized average) of run folders, Markdown and CSV.",
+            config.TableCommand, table),
+    Command(("predict",), "Apply a fitted run to new images: class probabilities, uncertainty and per-image "
+            "composition (CSV).", config.PredictCommand, predict),
+    Command(("bank", "build"), "Build the embedded bank: pretrain the tiny CLIP, fine-tune the suite's sources.",
+            config.BankBuildCommand, bank_build),
+    Command(("bank", "import"), "Import published fine-tuned checkpoints (task_vectors/aTLAS, open_clip) as a bank.",
+            config.BankImportCommand, bank_import),
+    Command(("bank", "truncate"), "Truncate a bank's task vectors to low rank, and/or report what truncation costs.",
+            config.BankTruncateCommand, bank_truncate),
+    Command(("bank", "finetune"), "Fine-tune the image tower of a base CLIP on one data set and save its task vector.",
+            config.BankFinetuneCommand, bank_finetune),
+    Command(("bank", "pretrain"), "Pretrain the tiny open_clip CLIP on the offline corpus (the embedded bank's base).",
+            config.BankPretrainCommand, bank_pretrain),
+    Command(("data", "check"), "Check that the 8 standard data sets are in place under a root folder.",
+            config.DataCheckCommand, data_check),
+    Command(("bench", "composition"), "Benchmark per-sample composition against a base pass and the naive loop.",
+            config.BenchCompositionConfig, bench_composition),
+    Command(("bench", "memory"), "Peak memory of one SVI step at real scale (random weights).", config.BenchMemoryConfig,
+            bench_memory),
+    Command(("bench", "addition"), "One SVI step of task addition against one aTLAS step on the same batch "
+            "(random weights).", config.BenchAdditionConfig, bench_addition),
+)
+"""Every subcommand, in the order ``vtvc --help`` lists them."""
