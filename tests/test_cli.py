@@ -15,12 +15,6 @@ from vtvc_pyro.config import BuildConfig, FitConfig
 from .conftest import ROOT, run_inline
 
 
-def test_layers_import_only_downward():
-    from importlinter.cli import lint_imports
-
-    assert lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0
-
-
 IMPORT_EVERYTHING = """
 import importlib, logging, pkgutil, sys, warnings
 # third-party packages first: what they do on import is theirs; the snapshot isolates ours

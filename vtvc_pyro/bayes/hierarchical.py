@@ -58,7 +58,6 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 from torch.distributions import kl_divergence
 from torch.distributions.utils import clamp_probs
