@@ -130,6 +130,14 @@ def test_addition_end_to_end_on_the_embedded_bank(bank_path, tmp_path):
         assert set(m["per_task"]) == set(metrics["tasks"]), name
         assert math.isclose(m["average"]["accuracy"], sum(t["accuracy"] for t in m["per_task"].values()) / 3)
     assert metrics["methods"]["finetuned"]["normalized_average"] == 1.0
+    # every method against VTVC on the same images: the paired difference of the task-averaged accuracy
+    assert "paired_vs_vtvc" not in metrics["methods"]["vtvc"]
+    for name, m in metrics["methods"].items():
+        if name != "vtvc":
+            paired = m["paired_vs_vtvc"]["accuracy"]
+            expected = m["average"]["accuracy"] - metrics["methods"]["vtvc"]["average"]["accuracy"]
+            assert paired["difference"] == pytest.approx(expected, abs=1e-12), name
+            assert paired["interval95"][0] <= paired["difference"] <= paired["interval95"][1], name
     # the fine-tuned vectors beat zero-shot on the tasks they were trained for
     assert metrics["methods"]["finetuned"]["average"]["accuracy"] > metrics["methods"]["zeroshot"]["average"]["accuracy"]
     for name in ("vtvc", "router"):
@@ -140,7 +148,7 @@ def test_addition_end_to_end_on_the_embedded_bank(bank_path, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["routing_accuracy"]) == {"vtvc", "router"}
     table = results_table([out, out])
-    assert table.columns == ["digits-inverted", "textures", "parity", "average", "normalized"]
+    assert table.columns == ["digits-inverted", "textures", "parity", "average", "normalized", "vs vtvc"]
     markdown = to_markdown(table)
     assert "| vtvc |" in markdown and "± 0.0" in markdown  # the same run twice: sd 0
     proc = run_inline(str(out), "--out", str(tmp_path / "table"), script="table.py")
@@ -176,7 +184,7 @@ def test_addition_on_the_8_stand_in_benchmarks_with_published_rows(real_world, r
     proc = run_inline(str(out), "--reference", "ViT-B-32", "--out", str(tmp_path / "table"), script="table.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     markdown = (tmp_path / "table.md").read_text()
-    assert markdown.splitlines()[2] == "| method | " + " | ".join(EIGHT) + " | average | normalized |"
+    assert markdown.splitlines()[2] == "| method | " + " | ".join(EIGHT) + " | average | normalized | vs vtvc |"
     row = next(line for line in markdown.splitlines() if line.startswith("| task_arithmetic (published, wudi_readme)"))
     assert [c.strip() for c in row.split("|")[2:11]] == ["55.2", "54.9", "66.7", "78.9", "80.2", "69.7", "97.3", "50.4",
                                                          "69.1"]

@@ -6,13 +6,16 @@ import pytest
 import torch
 
 from vtvc_pyro.bank.task_vectors import TaskVectorBank
+from vtvc_pyro.bayes.guide import AmortizedGatedGuide, GuideSettings
+from vtvc_pyro.bayes.priors import make_prior
+from vtvc_pyro.bayes.router import make_flat_twin
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import FitConfig, SVIConfig
 from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.evaluate import classification_metrics
 from vtvc_pyro.methods import learned, merges
 from vtvc_pyro.methods.baselines import BASELINES, expand_names
-from vtvc_pyro.protocols.fitting import run_baselines
+from vtvc_pyro.protocols.fitting import apply_shots, run_baselines
 from vtvc_pyro.protocols.transfer import load_target
 
 from .conftest import random_bank
@@ -72,4 +75,21 @@ def test_finetuned_is_skipped_without_an_own_vector(bank_path):
 def test_unknown_baseline_is_refused():
     with pytest.raises(ConfigError, match="unknown baseline 'soup'"):
         expand_names(["soup"])
-    assert expand_names(["all"]) == [*BASELINES, "router"] and expand_names(["ties", "all"])[0] == "ties"
+    assert expand_names(["all"]) == [*BASELINES, "router", "flat_twin"] and expand_names(["ties", "all"])[0] == "ties"
+
+
+def test_flat_twin_is_the_flat_guide_trained_without_prior_or_noise(bank_path):
+    """The flat model's deterministic twin: the flat guide's heads, no keep rule, the router's search."""
+    cfg = FitConfig(target="rot-noise", bank=str(bank_path), model="flat", shots=4,
+                    svi=SVIConfig(steps=6, eval_every=3, batch_size=16))
+    target = apply_shots(load_target(cfg, torch.device("cpu")), cfg.shots, cfg.seed)
+    probs, info = run_baselines(cfg, target, ["flat_twin"])
+    twin = info["flat_twin"]
+    assert twin["budget"] == {"fits": 3, "steps": 6, "batch_size": 16} and len(twin["val_nll_by_setting"]) == 3
+    assert twin["best_valnll"] == min(twin["val_nll_by_setting"].values())
+    assert probs["flat_twin"]["test"].shape == (len(target.data["test"]), 10)
+    assert torch.allclose(probs["flat_twin"]["test"].sum(-1), torch.ones(len(target.data["test"])))
+    # the twin's own network, rebuilt: the flat model's guide without the keep rule
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    _, guide = make_flat_twin(composer, target.head, 64, make_prior("spike_slab"), GuideSettings.from_config(cfg))
+    assert isinstance(guide, AmortizedGatedGuide) and not guide.gate_rule and guide.amortized

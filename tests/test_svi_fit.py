@@ -1,5 +1,6 @@
 """End to end: ``scripts/svi_fit.py`` on the real embedded bank, and its command-line errors."""
 
+import importlib.metadata
 import json
 
 import arviz as az
@@ -36,7 +37,8 @@ def test_fit_writes_every_output(short_run):
     assert len(comp["selection"]["per_domain"]) == 3 and comp["selection"]["chance"][0] == pytest.approx(1 / 55)
     assert "mixed" not in metrics["tasks"] and len(metrics["tasks"]) == 11
     config = json.loads((out / "config.json").read_text())
-    assert config["svi"]["steps"] == 30 and config["run"]["environment"]["packages"]["pyro-ppl"]
+    assert config["svi"]["steps"] == 30
+    assert config["run"]["environment"]["packages"]["pyro-ppl"] == importlib.metadata.version("pyro-ppl")
     assert "vtvc" in stdout and "task_arithmetic" in stdout
 
 
@@ -84,7 +86,8 @@ def test_posterior_is_arviz_native(short_run, tmp_path):
     loo = az.loo(idata)
     assert np.isfinite(loo["elpd_loo"])
     ranked = az.compare({"run": idata, "again": idata})
-    assert list(ranked.index) and np.isfinite(ranked["elpd_loo"]).all()
+    assert sorted(ranked.index) == ["again", "run"] and np.isfinite(ranked["elpd_loo"]).all()
+    assert ranked["elpd_diff"].abs().max() == pytest.approx(0.0, abs=1e-9)  # the same posterior twice
     assert idata.sample_stats["sum_log_likelihood"].dims == ("chain", "draw")
     assert idata.svi_trace["elbo"].sizes["step"] == 30
     assert idata.predictions_constant_data["image_index"].values.tolist() == list(range(lam.sizes["image"]))
@@ -175,3 +178,24 @@ def test_low_rank_bank_fits_end_to_end(bank_path, tmp_path):
     assert json.loads((out / "config.json").read_text())["low_rank"] == 4
     bad = run_inline("--bank", str(bank_path), "--low_rank", "-1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "low_rank must be >= 0" in bad.stderr
+
+
+def test_few_shot_fit_learns_from_k_images_per_class_and_pairs_every_method(bank_path, tmp_path):
+    out = tmp_path / "shots"
+    proc = run_inline("--bank", str(bank_path), "--target", "rot-noise", "--shots", "3", "--components", "[1]",
+                      "--svi.steps", "4", "--svi.eval_every", "2", "--svi.batch_size", "16", "--eval_samples", "2",
+                      "--baselines=[zeroshot,atlas]", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    classes = 10
+    assert metrics["splits"]["train"] == 3 * classes and metrics["num_test"] == metrics["splits"]["test"]
+    assert 2 * classes <= metrics["splits"]["val"] < 50  # shrunk in proportion, at least 2 per class
+    assert json.loads((out / "config.json").read_text())["shots"] == 3
+    for name in ("zeroshot", "atlas", "vtvc_mean"):
+        paired = metrics["methods"][name]["paired_vs_vtvc"]["accuracy"]
+        expected = metrics["methods"][name]["accuracy"] - metrics["methods"]["vtvc"]["accuracy"]
+        assert paired["difference"] == pytest.approx(expected, abs=1e-12)
+        assert paired["interval95"][0] <= paired["difference"] <= paired["interval95"][1]
+    assert "acc - vtvc, paired 95%" in proc.stdout
+    bad = run_inline("--bank", str(bank_path), "--shots", "0", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "shots must be a positive number" in bad.stderr

@@ -11,7 +11,9 @@ The package is layered; each layer imports only the ones below it (an import-lin
     bank                        task vectors, bank folders, low-rank banks, the embedded bank's training
     data                        data set specs, the offline suite, the 8 benchmarks, mini-batches
     backbone | diagnostics | evaluate | distributed
-    config | io | run_folder | progress | errors
+    run_folder                  the files of a run folder
+    config | io | progress
+    errors
 
 Names below are imported on first use, so ``import vtvc_pyro`` is cheap and changes no global state.
 

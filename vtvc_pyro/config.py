@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import importlib.util
+import typing
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
@@ -146,6 +147,7 @@ class FitConfig:
         target: transfer: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
         tasks: addition: data set specs of the tasks, each matched to the bank's vector of the same name ([]: every vector of the bank, as suite tasks).
         fit_split: addition: the data the learned methods learn from: train (select on val), or val (aTLAS's protocol at real scale: learn on 90 % of each task's val split, select on the rest; the fine-tuning data is never seen).
+        shots: few-shot learning: keep this many learning images per class (transfer) or per task (addition), drawn with the fit's seed, and shrink val in proportion (at least 2 images per class); null: every learning image.
         bank: bank folder (the embedded one is built on first use).
         model: hierarchical (a global sparse composition routed per image) or flat (every coefficient per image).
         prior: prior of the composition (vtvc fit --list_priors).
@@ -176,6 +178,7 @@ class FitConfig:
     target: str = "mixed"
     tasks: list[str] = field(default_factory=list)
     fit_split: Literal["train", "val"] = "train"
+    shots: Optional[int] = None
     bank: str = DEFAULT_BANK
     model: Literal["hierarchical", "flat"] = "hierarchical"
     prior: str = "spike_slab"
@@ -208,8 +211,11 @@ class FitConfig:
         if self.logger == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("--logger tensorboard needs the tensorboard package: "
                               "pip install 'vtvc-pyro[tensorboard]' (or pip install tensorboard)")
-        if self.protocol not in ("transfer", "addition"):
-            raise ConfigError(f"unknown protocol {self.protocol!r}: use transfer or addition")
+        protocols = typing.get_args(typing.get_type_hints(FitConfig)["protocol"])  # the registry's names
+        if self.protocol not in protocols:
+            raise ConfigError(f"unknown protocol {self.protocol!r}: use {' or '.join(protocols)}")
+        if self.shots is not None and self.shots < 1:
+            raise ConfigError(f"shots must be a positive number of images (or null for all), got {self.shots}")
         if self.fit_split not in ("train", "val"):
             raise ConfigError(f"fit_split must be train or val, got {self.fit_split!r}")
         if self.granularity not in ("block", "layer", "task"):

@@ -27,14 +27,12 @@ use ``az.compare`` to rank runs on the same images).
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
-from .io import atomic_write
 
 # arviz 0.23 announces its 1.0 refactor when first imported; that one notice is noise for our users.
 # Silenced for the import only: the process's warning filters are left as they were.
@@ -70,7 +68,7 @@ def to_inference_data(
     Args:
         probs: ``[S, N, C]`` predictive probabilities per draw for ``N`` evaluated images.
         local: per-image draws ``[S, N, ...]``: ``lam``, ``inclusion`` ``[S, N, T, G]`` and sites
-            (:func:`~vtvc_pyro.bayes.svi.sample_draws`).
+            (:func:`~vtvc_pyro.bayes.predictive.sample_draws`).
         shared: global draws ``[S, (K,) ...]`` (the hierarchical model's prior sites).
         labels: ``[N]``.
         site_events: site name -> its event dims (``("task", "block")``, ``("task",)`` or ``()``).
@@ -128,11 +126,6 @@ def site_events(prior) -> dict[str, tuple[str, ...]]:
     """The event dims of every site of ``prior``: ``("task", "block")``, ``("task",)`` or ``()``."""
     names = {"tg": ("task", "block"), "t": ("task",), "": ()}
     return {site.name: names[site.shape] for site in prior.sites}
-
-
-def save_inference_data(idata: az.InferenceData, path: str | Path) -> None:
-    """``idata`` as netCDF, atomically."""
-    atomic_write(path, lambda tmp: idata.to_netcdf(str(tmp)))
 
 
 def inclusion_summary(idata: az.InferenceData) -> xr.Dataset:

@@ -111,6 +111,44 @@ def bootstrap_intervals(probs: torch.Tensor, labels: torch.Tensor, num_resamples
     return {k: [float(x) for x in torch.quantile(torch.tensor(v, dtype=torch.float64), q)] for k, v in draws.items()}
 
 
+def per_image_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each image's correctness and NLL: ``{"accuracy": [N] 0/1, "nll": [N]}`` (float64, CPU)."""
+    probs, labels = probs.double().cpu(), labels.cpu()
+    return {"accuracy": (probs.argmax(-1) == labels).double(),
+            "nll": -probs.gather(-1, labels[:, None]).squeeze(1).clamp_min(1e-12).log()}
+
+
+def paired_bootstrap(scores: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                     groups: torch.Tensor | None = None, num_resamples: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, dict]:
+    """The difference ``scores − reference`` of two methods on the same test images, with a paired
+    percentile bootstrap interval: each resample draws the same images for both methods, so what the
+    two methods share (the images' difficulty) cancels.
+
+    Args:
+        scores, reference: metric -> ``[N]`` per-image values (:func:`per_image_scores`) of the method
+            and of the method it is compared with.
+        groups: ``[N]`` optional group of each image (task addition: its task). The statistic is then
+            the mean over groups of each group's mean, and images are resampled within their group.
+
+    Returns:
+        metric -> ``{"difference": float, "interval95": [low, high]}`` (the key names ``level``'s
+        default; the values are at ``level``). A method against itself gives exactly 0 and ``[0, 0]``.
+    """
+    groups = torch.zeros(len(next(iter(scores.values()))), dtype=torch.long) if groups is None else groups.cpu()
+    g = torch.Generator().manual_seed(seed)
+    members = [(groups == k).nonzero().squeeze(1) for k in groups.unique()]
+    draws = [rows[torch.randint(0, len(rows), (num_resamples, len(rows)), generator=g)] for rows in members]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    out = {}
+    for metric, values in scores.items():
+        diff = values.double().cpu() - reference[metric].double().cpu()  # [N]
+        point = torch.stack([diff[rows].mean() for rows in members]).mean()
+        resampled = torch.stack([diff[idx].mean(1) for idx in draws]).mean(0)  # [R]
+        out[metric] = {"difference": float(point), "interval95": [float(x) for x in torch.quantile(resampled, q)]}
+    return out
+
+
 def selection_accuracy(scores: torch.Tensor, domains: torch.Tensor, domain_tasks: list[list[int]]) -> dict:
     """How often an image's top-k task vectors are exactly the ones its domain was made with.
 

@@ -279,6 +279,7 @@ def build_report(run_dir: str | Path) -> dict:
     folder.figures.mkdir(exist_ok=True)
     summary = summarize(idata)
     summary["target"] = metrics["target"]
+    summary["figures"] = []  # the same key order as before figures were listed here
     figures = [
         plot_elbo(idata, folder.figure("elbo")),
         plot_inclusion_heatmap(idata, folder.figure("inclusion_heatmap")),

@@ -12,8 +12,9 @@ Layout::
     tensorboard/                 its TensorBoard events (others: tensorboard/k4/, ...), when asked for
     figures/  summary.json       written by ``vtvc report``
 
-Every write is atomic (:func:`~vtvc_pyro.io.atomic_write`). The module sits at the bottom of the
-package (it imports only :mod:`.config`, :mod:`.io` and :mod:`.errors`), so every layer that touches a run uses it.
+Every write is atomic (:func:`~vtvc_pyro.io.atomic_write`). The module sits just above the package's
+bottom layers (it imports only :mod:`.config`, :mod:`.io` and :mod:`.errors`), so that every layer that
+touches a run (the protocols, the report, the tables, torchrun's setup, the command line) uses it.
 
 Usage::
 

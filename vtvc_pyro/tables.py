@@ -4,7 +4,10 @@ Works for both protocols, from ``metrics.json`` alone:
 
 * task addition: one column per task, then ``average`` and ``normalized`` (accuracy ÷ the task's
   own fine-tuned accuracy, averaged); runs with the same tasks (seeds) are averaged, ``± sd``;
-* transfer: one column per target (each run is one), then ``average``.
+* transfer: one column per target (each run is one), then ``average``;
+* both: ``vs vtvc`` (:data:`PAIRED`), the paired difference of each method's (average) accuracy
+  against VTVC's on the same test images, in points, mean ± sd over runs; each run's 95 % interval
+  is in its ``metrics.json`` (``methods.<m>.paired_vs_vtvc``) and in the run's printed table.
 
 Reference rows come from :data:`PUBLISHED` (``vtvc_pyro/published/task_addition.json``): published
 accuracies of CLIP on the 8 standard data sets, each row labelled with its source. They are shown
@@ -30,6 +33,12 @@ from .errors import ConfigError
 from .run_folder import RunFolder
 
 PUBLISHED = "published/task_addition.json"
+
+PAIRED = "vs vtvc"
+"""The column of the paired accuracy difference against VTVC (points)."""
+
+SUMMARY_COLUMNS = ("average", "normalized", PAIRED)
+"""Columns that are not data sets."""
 
 
 @dataclass
@@ -70,7 +79,15 @@ def _addition_cells(runs: list[dict], tasks: list[str]) -> dict[str, dict[str, l
             col.setdefault("average", []).append(100 * scores["average"]["accuracy"])
             norm = scores.get("normalized_average")
             col.setdefault("normalized", []).append(100 * norm if norm is not None else math.nan)
+            _add_paired(col, scores)
     return cells
+
+
+def _add_paired(col: dict[str, list[float]], scores: dict) -> None:
+    """The run's paired accuracy difference against VTVC (points) into the ``vs vtvc`` column, when it has one."""
+    paired = scores.get("paired_vs_vtvc", {}).get("accuracy")
+    if paired is not None:
+        col.setdefault(PAIRED, []).append(100 * paired["difference"])
 
 
 def _transfer_cells(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
@@ -79,6 +96,7 @@ def _transfer_cells(runs: list[dict]) -> tuple[list[str], dict[str, dict[str, li
     for m in runs:
         for name, scores in m["methods"].items():
             cells.setdefault(name, {}).setdefault(m["target"], []).append(100 * scores["accuracy"])
+            _add_paired(cells[name], scores)
     for col in cells.values():  # the average over targets of the per-target means
         means = [sum(v) / len(v) for t, v in col.items() if t in targets]
         col["average"] = [sum(means) / len(means)] if len(means) == len(targets) else []
@@ -97,7 +115,7 @@ def reference_rows(columns: list[str], model: str) -> list[tuple[str, str, list]
         if row["model"] != model:
             continue
         per_task = {_dataset_key(k): v for k, v in row.get("per_task", {}).items()}
-        datasets = [c for c in columns if c not in ("average", "normalized")]
+        datasets = [c for c in columns if c not in SUMMARY_COLUMNS]
         complete = all(_dataset_key(c) in per_task for c in datasets) and len(datasets) == len(per_task)
         cells = []
         for col in columns:
@@ -106,7 +124,7 @@ def reference_rows(columns: list[str], model: str) -> list[tuple[str, str, list]
             else:
                 value = per_task.get(_dataset_key(col))
             cells.append(None if value is None else (float(value), 0.0, 1))
-        if any(c is not None for col, c in zip(columns, cells) if col not in ("average", "normalized")):
+        if any(c is not None for col, c in zip(columns, cells) if col not in SUMMARY_COLUMNS):
             rows.append((f"{row['method']} (published, {row['source']})", f"{row['source']}: {row['checkpoints']}",
                          cells))
     return rows
@@ -117,6 +135,7 @@ def results_table(run_dirs: list[str | Path], reference: str | None = None) -> T
     runs = [_read_metrics(d) for d in run_dirs]
     if not runs:
         raise ConfigError("pass at least one run folder")
+    # by the layout of metrics.json, not through the protocol registry: tables sit below protocols/
     protocols = {m.get("protocol", "transfer") for m in runs}
     if len(protocols) > 1:
         raise ConfigError("mix of addition and transfer runs: make one table per protocol")
@@ -124,12 +143,12 @@ def results_table(run_dirs: list[str | Path], reference: str | None = None) -> T
         tasks = runs[0]["tasks"]
         if any(m["tasks"] != tasks for m in runs):
             raise ConfigError("the addition runs have different task lists: make one table per task list")
-        columns = [*tasks, "average", "normalized"]
+        columns = [*tasks, "average", "normalized", PAIRED]
         cells = _addition_cells(runs, tasks)
         title = f"task addition, {len(tasks)} tasks, {len(runs)} run(s): test accuracy %, mean ± sd over runs"
     else:
         targets, cells = _transfer_cells(runs)
-        columns = [*targets, "average"]
+        columns = [*targets, "average", PAIRED]
         title = f"held-out transfer, {len(targets)} target(s), {len(runs)} run(s): test accuracy %, mean ± sd over runs"
     table = Table(columns, title=title)
     for name, col in cells.items():

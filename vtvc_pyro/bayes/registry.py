@@ -46,7 +46,7 @@ def make_vtvc(model_name: str, guide_name: str, composer: Composer, head: torch.
         raise ConfigError(f"unknown model {model_name!r}: choose one of {', '.join(MODELS)}")
     if guide_name not in GUIDES:
         raise ConfigError(f"unknown guide {guide_name!r}: choose one of {', '.join(GUIDES)}")
-    settings = GuideSettings.of(settings, **overrides, gate_rule=GUIDES[guide_name]["gate_rule"])
+    settings = GuideSettings.of(settings, **{**overrides, "gate_rule": GUIDES[guide_name]["gate_rule"]})
     dims = dict(feature_dim=feature_dim, num_tasks=composer.num_tasks, num_groups=composer.num_groups, prior=prior,
                 settings=settings, component_scale=composer.component_scales())
     if model_name == "flat":

@@ -10,11 +10,17 @@ sampled routes. Everything else is VTVC's: the features it reads, K candidates c
 optimiser groups, schedule, clipping, step budget, and the state kept by the lowest val NLL. Like
 the other learned baselines its learning rate is tuned on val: VTVC's rate times
 :data:`ROUTER_LR_FACTORS`.
+
+The flat model's twin (:func:`make_flat_twin`) is the same idea for the flat model: its amortized
+guide (same prior parametrisation, e.g. gate probability × slab mean, same heads and width), used
+through :meth:`~vtvc_pyro.bayes.guide.AmortizedGatedGuide.mean_coefficients` and trained by
+cross-entropy alone, with the same search.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -25,8 +31,10 @@ from ..config import SVIConfig
 from ..data.batches import minibatch_indices
 from ..data.split import Split
 from ..progress import track
+from .guide import GuideSettings
 from .hierarchical import HierarchicalGuide, HierarchicalModel
 from .priors import make_prior
+from .registry import make_vtvc
 from .predictive import mean_probs
 from .svi import parameter_groups
 
@@ -57,6 +65,15 @@ def make_router(composer: Composer, head: torch.Tensor, feature_dim: int, compon
     return model.to(head.device), guide.to(head.device)
 
 
+def make_flat_twin(composer: Composer, head: torch.Tensor, feature_dim: int, prior, settings: GuideSettings,
+                   seed: int = 0):
+    """``(model, guide)`` of the flat model's deterministic twin: its amortized guide without the keep
+    rule (so training and prediction use the same coefficients), initialised with ``seed``."""
+    torch.manual_seed(seed)
+    model, guide = make_vtvc("flat", "amortized", composer, head, prior, feature_dim, settings=settings)
+    return model.to(head.device), guide.to(head.device)
+
+
 def _val_nll(model, guide, val: Split) -> float:
     probs = mean_probs(model, guide, val.images, val.features, classes=val.classes)
     return float(-probs.gather(-1, val.labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
@@ -71,14 +88,15 @@ def fit_router(model, guide: HierarchicalGuide, train: Split, val: Split, cfg: S
         cfg: VTVC's SVI settings (steps, batch size, rates, decay, clipping, eval_every).
     """
     images, features, labels, classes = train.images, train.features, train.labels, train.classes
-    guide.initialize(features, seed=seed)
+    if hasattr(guide, "initialize"):  # the hierarchical guide's prototypes start at k-means centroids
+        guide.initialize(features, seed=seed)
     opt = torch.optim.AdamW(parameter_groups(guide, cfg), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     params = [p for p in guide.parameters() if p.requires_grad]
     result = RouterFit(guide, model)
     best_state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
     batches = minibatch_indices(len(images), cfg.batch_size, cfg.steps, seed)
-    for step, idx in enumerate(track(batches, f"router K={guide.components} lr {cfg.lr:g}", total=cfg.steps,
+    for step, idx in enumerate(track(batches, f"router K={getattr(guide, 'components', 1)} lr {cfg.lr:g}", total=cfg.steps,
                                      enabled=progress, leave=False), 1):
         guide.train()
         opt.zero_grad(set_to_none=True)
@@ -103,18 +121,30 @@ def fit_router(model, guide: HierarchicalGuide, train: Split, val: Split, cfg: S
     return result
 
 
-def tuned_router(composer: Composer, head: torch.Tensor, train: Split, val: Split, cfg: SVIConfig,
-                 components: list[int], hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0,
-                 progress: bool = False, lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
-    """:func:`fit_router` for every candidate number of compositions and learning rate; the lowest val NLL wins."""
+def tuned_point_estimate(build: Callable[[int], tuple], train: Split, val: Split, cfg: SVIConfig,
+                         components: list[int], seed: int = 0, progress: bool = False,
+                         lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
+    """:func:`fit_router` of ``build(k) -> (model, guide)`` for every candidate number of compositions
+    ``k`` and learning rate (VTVC's × ``lr_factors``); the lowest val NLL wins. Its last history entry
+    records the choice and the search (``fits``: how many were run)."""
     fits = {}
     for k in components:
         for factor in lr_factors:
-            model, guide = make_router(composer, head, train.features.shape[1], k, hidden, slab_mean_init, seed)
+            model, guide = build(k)
             fits[(k, cfg.lr * factor)] = fit_router(model, guide, train, val, replace(cfg, lr=cfg.lr * factor), seed,
                                                     progress)
     best_key = min(fits, key=lambda key: fits[key].best_val_nll)
     best = fits[best_key]
     best.history.append({"components": best_key[0], "lr": best_key[1],
-                         "val_nll_by_setting": {f"K={k}, lr={lr:g}": f.best_val_nll for (k, lr), f in fits.items()}})
+                         "val_nll_by_setting": {f"K={k}, lr={lr:g}": f.best_val_nll for (k, lr), f in fits.items()},
+                         "budget": {"fits": len(fits), "steps": cfg.steps, "batch_size": cfg.batch_size}})
     return best
+
+
+def tuned_router(composer: Composer, head: torch.Tensor, train: Split, val: Split, cfg: SVIConfig,
+                 components: list[int], hidden: int | None = None, slab_mean_init: float = 0.3, seed: int = 0,
+                 progress: bool = False, lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
+    """:func:`fit_router` for every candidate number of compositions and learning rate; the lowest val NLL wins."""
+    return tuned_point_estimate(
+        lambda k: make_router(composer, head, train.features.shape[1], k, hidden, slab_mean_init, seed),
+        train, val, cfg, components, seed, progress, lr_factors)

@@ -247,7 +247,7 @@ def _optimisation_step(fit: _Fit, step: int, history: History | None) -> _Step:
     """One SVI step on a fresh mini-batch; a non-finite one is skipped or raises (``cfg.skip_nonfinite``)."""
     cfg, guide = fit.cfg, fit.guide
     guide.train()
-    idx = distributed.shard(fit.sampler.next()).to(fit.train.features.device)
+    idx = distributed.shard(fit.sampler.next()).to(fit.train.features.device)  # images may be a lazy view: features set the device
     fit.opt.zero_grad(set_to_none=True)
     parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
     settings = {"num_data": len(fit.train), "kl_weight": kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
@@ -355,15 +355,17 @@ def fit_svi(model, guide, train: Split, val: Split, cfg: SVIConfig, checkpoint_p
         FitInterrupted: SIGINT/SIGTERM arrived; the checkpoint holds the last finished step.
     """
     cfg.validate()
+    if not isinstance(train, Split) or not isinstance(val, Split):
+        raise TypeError("fit_svi takes train and val as vtvc_pyro.data.split.Split(images, features, labels[, classes])")
     fit = _start(model, guide, train, val, cfg, seed)
     if resume:
         _restore(fit, checkpoint_path)
+    start = time.time()
     desc = f"svi K={guide.components}" if hasattr(guide, "components") else "svi"  # candidates tell apart
     bar = track(range(fit.first, cfg.steps + 1), desc, total=cfg.steps,
                 initial=fit.first - 1, enabled=progress and distributed.is_main())
     watched = distributed.is_main() and (history_path is not None or tensorboard_dir is not None)
     history = History(history_path, fit.first, tensorboard_dir) if watched else None
-    start = time.time()
     with _StopRequest() as stop, history or contextlib.nullcontext():
         for step in bar:
             taken = _optimisation_step(fit, step, history)

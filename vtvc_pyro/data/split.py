@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no truth value: no generated ==
 class Split:
     """Images with their base features and labels, on one device.
 
@@ -43,3 +43,44 @@ class Split:
     def class_rows(self, index: torch.Tensor | slice) -> torch.Tensor | None:
         """``classes[index]``, or ``None`` when the split has no class sets."""
         return None if self.classes is None else self.classes[index]
+
+
+@dataclass(frozen=True, eq=False)
+class FewShotRows:
+    """The rows a few-shot protocol keeps of a learning split and of its val split."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+
+
+def _draw_per_group(groups: torch.Tensor, counts: dict[int, int], generator: torch.Generator) -> torch.Tensor:
+    """``counts[g]`` rows of each group ``g``, drawn without replacement, in data set order."""
+    keep = []
+    for g, k in counts.items():
+        rows = (groups == g).nonzero().squeeze(1)
+        keep.append(rows[torch.randperm(len(rows), generator=generator)[:k]])
+    return torch.cat(keep).sort().values if keep else groups.new_zeros(0)
+
+
+def few_shot_rows(train_groups: torch.Tensor, val_groups: torch.Tensor, shots: int, seed: int = 0,
+                  min_val: int = 2) -> FewShotRows:
+    """An aTLAS-style few-shot protocol: ``shots`` learning rows per group, and val shrunk in proportion.
+
+    Args:
+        train_groups: ``[N_train]`` the group of each learning row (its class in transfer, its task in
+            task addition); a group with fewer rows keeps all of them.
+        val_groups: ``[N_val]`` the group of each val row (its class: val keeps every class).
+        shots: rows per group of the learning split.
+        seed: which rows (a new seed draws another subset).
+        min_val: val keeps at least this many rows of each of its groups (or all it has).
+
+    Returns:
+        the kept rows of each split, in data set order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train_groups, val_groups = train_groups.cpu(), val_groups.cpu()
+    train = _draw_per_group(train_groups, {int(k): shots for k in train_groups.unique()}, g)
+    fraction = len(train) / max(len(train_groups), 1)
+    sizes = {int(k): int((val_groups == k).sum()) for k in val_groups.unique()}
+    val = _draw_per_group(val_groups, {k: min(n, max(min_val, round(n * fraction))) for k, n in sizes.items()}, g)
+    return FewShotRows(train, val)

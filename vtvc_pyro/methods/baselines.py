@@ -132,10 +132,12 @@ BASELINES: dict[str, Callable[[BaselineInputs], tuple]] = {
 }
 PROTOCOL_BASELINES = {
     "router": "VTVC's amortized network as a deterministic per-sample router, trained by maximum likelihood "
-              "(vtvc_pyro.bayes.router; the protocols run it)",
+              "(vtvc_pyro.bayes.router; the protocols run it): the hierarchical model's twin",
+    "flat_twin": "the flat model's amortized guide as a deterministic per-sample point estimate, trained by "
+                 "maximum likelihood with the router's search (vtvc_pyro.bayes.router.make_flat_twin)",
 }
 """Baselines that need the Bayesian layer's network and are run by the protocols, not by :func:`run_baseline`."""
-SEEDED_BASELINES = ("atlas", "adamerging", "router")  # the others do not depend on the seed
+SEEDED_BASELINES = ("atlas", "adamerging", "router", "flat_twin")  # the others do not depend on the seed
 KNOWN_BASELINES = (*BASELINES, *PROTOCOL_BASELINES)
 
 

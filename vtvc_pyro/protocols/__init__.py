@@ -1,1 +1,2 @@
-"""Experiments that tie the layers together: held-out transfer (run_fit), negation, ablation grids, export, truncation."""
+"""Experiments that tie the layers together: run_fit and its protocols (transfer, addition), negation, ablation
+grids, export, prediction, truncation."""

@@ -38,7 +38,7 @@ from ..io import atomic_write, resolve_device, write_json
 from ..methods.baselines import KNOWN_BASELINES, SEEDED_BASELINES
 from ..report import new_figure, save_figure
 from .fit import run_fit
-from .fitting import run_baselines, score_methods
+from .fitting import apply_shots, run_baselines, score_methods
 from .transfer import load_target
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,10 @@ def run_cell(grid: GridConfig, out: Path, target: str, method: str, seed: int, s
         extra = {"inclusion": comp["mean_inclusion"], "inclusion_sd_tasks": comp["inclusion_sd_across_tasks"],
                  "selection": comp.get("selection", {}).get("overall", np.nan), "components": metrics["svi"]["components"]}
     else:
-        if target not in targets_cache:
-            targets_cache[target] = load_target(cfg, resolve_device(grid.device))
-        tgt = targets_cache[target]
+        key = (target, cfg.shots, cfg.seed if cfg.shots else None)  # few-shot subsets differ by seed
+        if key not in targets_cache:
+            targets_cache[key] = apply_shots(load_target(cfg, resolve_device(grid.device)), cfg.shots, cfg.seed)
+        tgt = targets_cache[key]
         start = time.time()
         probs, _ = run_baselines(cfg, tgt, [method])
         seconds = time.time() - start

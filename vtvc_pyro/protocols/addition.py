@@ -35,11 +35,15 @@ from ..methods import baselines
 from ..methods.merges import predict_shared
 from .fitting import (
     SPLITS,
+    BaselineRun,
     FitProtocol,
     Target,
     VTVCFit,
+    apply_shots,
     composition_diagnostics,
     open_bank,
+    paired_against,
+    paired_cell,
     run_baselines,
     run_router,
 )
@@ -167,26 +171,29 @@ def average_over_tasks(per_task: dict[str, dict]) -> dict:
     return {k: sum(m[k] for m in per_task.values()) / len(per_task) for k in next(iter(per_task.values()))}
 
 
-def score_addition(methods: dict[str, dict], target: Target, reference: str = "finetuned") -> dict:
+def score_addition(methods: dict[str, dict], target: Target, reference: str = "finetuned", seed: int = 0) -> dict:
     """Per task, average and normalized average (accuracy ÷ ``reference``'s accuracy on that task) of every method.
 
     Returns:
         ``{method: {"per_task": {task: metrics}, "average": metrics averaged over tasks,
-        "normalized_average": float | None, "normalized": {task: float}, "val": {"average": ...}}}``.
+        "normalized_average": float | None, "normalized": {task: float}, "val": {"average": ...},
+        "paired_vs_vtvc": the paired difference of the task-averaged accuracy and NLL against VTVC}}``.
     """
     scores = {}
     for name, probs in methods.items():
-        averages = {}
-        for split in ("test", "val"):
-            per_task = per_task_metrics(probs[split], target.data[split].labels, target.task_index[split], target.heads)
-            averages[split] = (per_task, average_over_tasks(per_task))
-        scores[name] = {"per_task": averages["test"][0], "average": averages["test"][1], "val": averages["val"][1]}
+        per_task = {split: per_task_metrics(probs[split], target.data[split].labels, target.task_index[split],
+                                            target.heads) for split in ("test", "val")}
+        scores[name] = {"per_task": per_task["test"], "average": average_over_tasks(per_task["test"]),
+                        "val": average_over_tasks(per_task["val"])}
     if reference in scores:
         ref = {t: m["accuracy"] for t, m in scores[reference]["per_task"].items()}
         for entry in scores.values():
             normalized = {t: m["accuracy"] / ref[t] if ref[t] > 0 else math.nan for t, m in entry["per_task"].items()}
             entry["normalized"] = normalized
             entry["normalized_average"] = sum(normalized.values()) / len(normalized)
+    test = target.data["test"]
+    for name, paired in paired_against(methods, test.labels, groups=target.task_index["test"], seed=seed).items():
+        scores[name]["paired_vs_vtvc"] = paired
     return scores
 
 
@@ -218,16 +225,18 @@ def routing_diagnostics(lam: torch.Tensor, inclusion: torch.Tensor, index: torch
 
 
 def format_addition(metrics: dict) -> str:
-    """A plain-text table: methods x (average accuracy, normalized average, NLL, ECE, routing accuracy)."""
+    """A plain-text table: methods x (average accuracy, normalized average, NLL, ECE, routing accuracy, and the
+    paired difference of the average accuracy against VTVC with its 95 % interval)."""
     sizes = metrics["num_test"]
     rows = [f"task addition: {len(metrics['tasks'])} tasks, {sum(sizes.values())} test images",
-            f"{'method':18s} {'avg acc':>8s} {'norm avg':>9s} {'nll':>8s} {'ece':>8s} {'routing':>8s}"]
+            f"{'method':18s} {'avg acc':>8s} {'norm avg':>9s} {'nll':>8s} {'ece':>8s} {'routing':>8s} "
+            f"{'avg acc - vtvc, paired 95%':>28s}"]
     for name, m in metrics["methods"].items():
         routing = metrics.get("routing", {}).get(name, metrics.get("routing", {}).get(name.removesuffix("_mean"), {}))
         norm = m.get("normalized_average")
         rows.append(f"{name:18s} {m['average']['accuracy']:8.4f} {norm if norm is not None else math.nan:9.4f} "
                     f"{m['average']['nll']:8.4f} {m['average']['ece']:8.4f} "
-                    f"{routing.get('routing_accuracy', math.nan):8.4f}")
+                    f"{routing.get('routing_accuracy', math.nan):8.4f} {paired_cell(m):>28s}")
     return "\n".join(rows)
 
 
@@ -235,7 +244,7 @@ class Addition(FitProtocol):
     """Task addition (see the module docstring)."""
 
     name = "addition"
-    summary = "compose every task's vector; one model scores every task's test split with its own head"
+    shot_unit = "task"
 
     def label(self, cfg: FitConfig) -> str:
         return "addition"
@@ -244,12 +253,12 @@ class Addition(FitProtocol):
         return select_addition(cfg, device, progress)
 
     def load(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
-        return load_addition(cfg, device, progress)
+        return apply_shots(load_addition(cfg, device, progress), cfg.shots, cfg.seed)
 
     def record(self, target: Target) -> dict:
         return {"datasets": [t.name for t in target.datasets]}
 
-    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> tuple[dict, dict, dict]:
+    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> BaselineRun:
         """Each task's own fine-tuned model first (it normalizes the average: always computed), then the
         shared baselines, then the router with its routing diagnostics."""
         names = baselines.expand_names(cfg.baselines)
@@ -262,19 +271,18 @@ class Addition(FitProtocol):
             with torch.no_grad():
                 lam = router.guide.mean_coefficients(target.data["test"].features)[None]  # [1, N, T, G]
             routing["router"] = routing_diagnostics(lam, torch.ones_like(lam), target.task_index["test"], target.tasks)
-        return methods, extra, routing
+        return BaselineRun(methods, extra, routing)
 
-    def metrics(self, cfg: FitConfig, target: Target, methods: dict, extra: dict, routing: dict,
-                vtvc: VTVCFit) -> dict:
+    def metrics(self, cfg: FitConfig, target: Target, methods: dict, baselines: BaselineRun, vtvc: VTVCFit) -> dict:
         index, local = target.task_index["test"], vtvc.draws.local
-        routing = {**routing, "vtvc": routing_diagnostics(local["lam"], local["inclusion"], index, target.tasks)}
+        routing = {**baselines.routing, "vtvc": routing_diagnostics(local["lam"], local["inclusion"], index, target.tasks)}
         return {"protocol": "addition", "target": "addition", "tasks": target.tasks,
                 "datasets": [t.name for t in target.datasets],
                 "num_test": {name: int((index == t).sum()) for t, name in enumerate(target.tasks)},
-                "methods": score_addition(methods, target), "routing": routing,
+                "methods": score_addition(methods, target, seed=cfg.seed), "routing": routing,
                 "svi": vtvc.svi_summary(detailed=False),
                 "composition": composition_diagnostics(vtvc.guide, local["lam"], local["inclusion"], target),
-                "baselines": extra}
+                "baselines": baselines.info}
 
     def score_test(self, target: Target, probs: torch.Tensor) -> dict:
         test = target.data["test"]

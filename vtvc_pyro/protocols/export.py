@@ -298,7 +298,7 @@ def export_run(run_dir: str | Path, out: str | Path, split: str = "test", progre
         check_folder(out, overwrite)  # before the work, not after
     run = RunFolder(run_dir)
     settings, record = run.read_config()
-    run.read_guide()  # a clear error before loading data when the fit did not finish
+    run.require(RunFolder.GUIDE, what="it holds no finished fit: run `vtvc fit` first")  # before loading data
     cfg = fit_config_of(settings)
     cfg.device = "cpu"
     protocol = protocol_for(cfg.protocol)

@@ -6,8 +6,9 @@ Usage::
     metrics = run_fit(FitConfig(target="mixed"), "runs/mixed")
     metrics = run_fit(FitConfig(protocol="addition"), "runs/addition")
 
-Adding a protocol: one module with a :class:`~vtvc_pyro.protocols.fitting.FitProtocol` subclass and
-one line in :data:`PROTOCOLS` (and its name in ``FitConfig.protocol``'s choices).
+Adding a protocol: one module with a :class:`~vtvc_pyro.protocols.fitting.FitProtocol` subclass, one
+line in :data:`PROTOCOLS`, and its name among the choices of ``FitConfig.protocol`` (a ``Literal``:
+the command line and ``FitConfig.validate`` read it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..io import resolve_device
 from ..methods import baselines
 from ..run_folder import RunFolder, device_description
 from .addition import Addition
-from .fitting import FitProtocol, fit_vtvc, posterior_data, prediction_tensors, run_record
+from .fitting import SPLITS, FitProtocol, fit_vtvc, posterior_data, prediction_tensors, run_record
 from .transfer import Transfer
 
 PROTOCOLS: dict[str, FitProtocol] = {
@@ -66,12 +67,13 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
     folder = RunFolder(out).prepare(settings, overwrite, resume)  # after every input is known to be usable
     if not resume:
         folder.write_config(settings, run_record(cfg, protocol, target, device))
-    methods, extra, routing = protocol.run_baselines(cfg, target, progress)
+    baselines = protocol.run_baselines(cfg, target, progress)
     svi_start = time.time()
     vtvc = fit_vtvc(cfg, target, folder, resume, progress)
-    methods.update(vtvc.methods)
+    methods = {**baselines.probs, **vtvc.methods}
     vtvc_seconds = time.time() - svi_start
-    metrics = protocol.metrics(cfg, target, methods, extra, routing, vtvc)
+    metrics = protocol.metrics(cfg, target, methods, baselines, vtvc)
+    metrics["splits"] = {split: len(target.data[split]) for split in SPLITS}  # after --shots: what was learned from
     folder.write_metrics(metrics)  # no timings here: same seed and device, same file
     timing = {"svi_seconds": round(vtvc.result.seconds, 2),
               "svi_samples_per_second": round(vtvc.result.samples_per_second, 1),
@@ -102,6 +104,9 @@ def plan_fit(cfg: FitConfig) -> dict:
             raise ConfigError(f"{cfg.bank} holds no bank (manifest.json): build or import one, or pass --bank")
         plan["bank"] += " (not built yet: the fit builds it first, about 3 minutes on 2 cores)"
     plan.update(protocol.plan(cfg))
+    if cfg.shots is not None:
+        plan["shots"] = (f"{cfg.shots} learning images per {protocol.shot_unit} "
+                         f"(seed {cfg.seed}); val shrunk in proportion, at least 2 per class")
     return plan
 
 

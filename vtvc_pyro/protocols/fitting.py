@@ -23,15 +23,23 @@ from ..bayes.guide import GUIDES, GuideSettings
 from ..bayes.predictive import mean_probs, sample_draws
 from ..bayes.priors import make_prior
 from ..bayes.registry import make_vtvc
-from ..bayes.router import RouterFit, tuned_router
+from ..bayes.router import RouterFit, make_flat_twin, tuned_point_estimate, tuned_router
 from ..bayes.svi import FitResult, fit_svi
 from ..compose.engine import Composer
 from ..compose.heads import TaskHeads
 from ..config import DEFAULT_BANK, FitConfig, SVIConfig
-from ..data.split import Split
+from ..data.split import Split, few_shot_rows
 from ..data.suite import TaskData
 from ..diagnostics import site_events, to_inference_data
-from ..evaluate import apply_temperature, bootstrap_intervals, classification_metrics, fit_temperature, selection_accuracy
+from ..evaluate import (
+    apply_temperature,
+    bootstrap_intervals,
+    classification_metrics,
+    fit_temperature,
+    paired_bootstrap,
+    per_image_scores,
+    selection_accuracy,
+)
 from ..methods import baselines
 from ..run_folder import RunFolder, device_description, environment
 
@@ -78,9 +86,37 @@ class Target:
     heads: TaskHeads | None = None
     datasets: list[TaskData] = field(default_factory=list)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.bank.model.visual.output_dim
+
+def apply_shots(target: Target, shots: int | None, seed: int) -> Target:
+    """The few-shot protocol (``--shots``): keep ``shots`` learning images per class (transfer) or per
+    task (task addition, ``target.task_index`` set), drawn with ``seed``, and shrink val in proportion
+    (:func:`~vtvc_pyro.data.split.few_shot_rows`); test is untouched. ``None``: every image."""
+    if shots is None:
+        return target
+    train, val = target.data["train"], target.data["val"]
+    by_task = target.task_index is not None
+    rows = few_shot_rows(target.task_index["train"] if by_task else train.labels, val.labels, shots, seed)
+    device = train.features.device
+    target.data["train"], target.data["val"] = train.rows(rows.train.to(device)), val.rows(rows.val.to(device))
+    if by_task:
+        target.task_index["train"] = target.task_index["train"][rows.train.to(device)]
+        target.task_index["val"] = target.task_index["val"][rows.val.to(device)]
+    return target
+
+
+@dataclass
+class BaselineRun:
+    """What a protocol's baselines produced.
+
+    Attributes:
+        probs: method -> ``{"val": [N_val, C], "test": [N_test, C]}`` class probabilities.
+        info: method -> what it chose (rates, λ, steps, val scores).
+        routing: method -> routing diagnostics (task addition), else empty.
+    """
+
+    probs: dict[str, dict[str, torch.Tensor]]
+    info: dict[str, dict]
+    routing: dict[str, dict] = field(default_factory=dict)
 
 
 class FitProtocol:
@@ -91,7 +127,7 @@ class FitProtocol:
     """
 
     name = ""
-    summary = ""
+    shot_unit = "class"  # what --shots counts images of
 
     def label(self, cfg: FitConfig) -> str:
         """What the run is about (metrics' ``target``, the default run folder's name)."""
@@ -109,13 +145,12 @@ class FitProtocol:
         """What ``config.json``'s run record adds for this protocol."""
         return {}
 
-    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> tuple[dict, dict, dict]:
-        """``(probabilities {"val", "test"} by method, what each chose, routing diagnostics)``."""
+    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> BaselineRun:
+        """The baselines ``cfg.baselines`` names that apply to this protocol."""
         raise NotImplementedError
 
-    def metrics(self, cfg: FitConfig, target: Target, methods: dict, extra: dict, routing: dict,
-                vtvc: VTVCFit) -> dict:
-        """The content of ``metrics.json`` (no timings)."""
+    def metrics(self, cfg: FitConfig, target: Target, methods: dict, baselines: BaselineRun, vtvc: VTVCFit) -> dict:
+        """The content of ``metrics.json`` (no timings); ``methods``: every method's probabilities, VTVC's included."""
         raise NotImplementedError
 
     def score_test(self, target: Target, probs: torch.Tensor) -> dict:
@@ -213,6 +248,8 @@ class VTVCFit:
     methods: dict[str, dict[str, torch.Tensor]]
     draws: Draws
     val_nll_by_components: dict[int, float]
+    steps: int = 0  # the search (each candidate's steps and batch), recorded as the budget
+    batch_size: int = 0
 
     @property
     def components(self) -> int:
@@ -227,13 +264,23 @@ class VTVCFit:
             out.update({"best_val_accuracy": fit.best_val_accuracy,
                         "final_elbo": next((e for e in reversed(fit.elbo_trace) if math.isfinite(e)), None)})
         out["val_history"] = fit.val_history
+        out["budget"] = {"fits": len(self.val_nll_by_components), "steps": self.steps, "batch_size": self.batch_size}
         return out
 
 
+@dataclass
+class Candidate:
+    """One fitted candidate number of compositions."""
+
+    model: torch.nn.Module
+    guide: torch.nn.Module
+    result: FitResult
+
+
 def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components: int, files, resume: bool,
-                  progress: bool):
+                  progress: bool) -> Candidate:
     """One SVI fit with ``components`` compositions into ``files``
-    (:class:`~vtvc_pyro.run_folder.CandidateFiles`); returns ``(model, guide, fit result)``."""
+    (:class:`~vtvc_pyro.run_folder.CandidateFiles`)."""
     train, val = target.data["train"], target.data["val"]
     model, guide = build_vtvc(cfg, composer, target.head, train.features.shape[1], components)
     model, guide = model.to(target.head.device), guide.to(target.head.device)
@@ -243,7 +290,7 @@ def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components
     fit = fit_svi(model, guide, train, val, cfg.svi, checkpoint_path=files.checkpoint, resume=resume,
                   progress=progress, seed=cfg.seed, history_path=files.history,
                   tensorboard_dir=files.tensorboard if cfg.logger == "tensorboard" else None)
-    return model, guide, fit
+    return Candidate(model, guide, fit)
 
 
 def predict_vtvc(cfg: FitConfig, model, guide, target: Target, progress: bool) -> tuple[dict, Draws]:
@@ -266,11 +313,12 @@ def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, pr
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     candidates = {k: fit_candidate(cfg, target, composer, k, folder.candidate(i, k), resume, progress)
                   for i, k in enumerate(candidate_components(cfg))}
-    chosen = min(candidates, key=lambda k: candidates[k][2].best_val_nll)
-    model, guide, fit = candidates[chosen]
-    folder.write_guide(guide.state_dict(), {"best_step": str(fit.best_step), "components": str(chosen)})
-    methods, draws = predict_vtvc(cfg, model, guide, target, progress)
-    return VTVCFit(fit, guide, composer, methods, draws, {k: c[2].best_val_nll for k, c in candidates.items()})
+    chosen = min(candidates, key=lambda k: candidates[k].result.best_val_nll)
+    best = candidates[chosen]
+    folder.write_guide(best.guide.state_dict(), {"best_step": str(best.result.best_step), "components": str(chosen)})
+    methods, draws = predict_vtvc(cfg, best.model, best.guide, target, progress)
+    return VTVCFit(best.result, best.guide, composer, methods, draws,
+                   {k: c.result.best_val_nll for k, c in candidates.items()}, cfg.svi.steps, cfg.svi.batch_size)
 
 
 # ---------------------------------------------------------------- baselines
@@ -289,6 +337,21 @@ def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[
     return probs, info, fit
 
 
+def run_flat_twin(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[dict, dict]:
+    """The flat model's deterministic twin (:func:`~vtvc_pyro.bayes.router.make_flat_twin`) with the
+    router's search: ``{"val", "test"}`` probabilities and what it chose."""
+    composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
+    prior, settings = make_prior(cfg.prior, **cfg.prior_args), GuideSettings.from_config(cfg)
+    train, val = target.data["train"], target.data["val"]
+    fit = tuned_point_estimate(
+        lambda k: make_flat_twin(composer, target.head, train.features.shape[1], prior, settings, cfg.seed),
+        train, val, cfg.svi, [1], cfg.seed, progress)
+    probs = {split: mean_probs(fit.model, fit.guide, target.data[split].images, target.data[split].features,
+                               classes=target.data[split].classes) for split in ("val", "test")}
+    *history, chosen = fit.history
+    return probs, {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
+
+
 def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
     """``{"val", "test"}`` probabilities of each named baseline that applies, and what each chose.
 
@@ -305,6 +368,8 @@ def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bo
     for name in names:
         if name == "router":
             p, info[name], _ = run_router(cfg, target, progress)
+        elif name == "flat_twin":
+            p, info[name] = run_flat_twin(cfg, target, progress)
         else:
             p, info[name] = baselines.run_baseline(name, inputs)
         if p is not None:
@@ -326,6 +391,27 @@ def score_methods(methods: dict[str, dict], val_y: torch.Tensor, test_y: torch.T
                      "temperature": temperature,
                      "temperature_scaled": classification_metrics(scaled, test_y)}
     return out
+
+
+def paired_against(methods: dict[str, dict], labels: torch.Tensor, reference: str = "vtvc",
+                   groups: torch.Tensor | None = None, seed: int = 0) -> dict[str, dict]:
+    """Every method but ``reference`` against it on the same test images: the paired bootstrap of the
+    difference in accuracy and NLL (:func:`~vtvc_pyro.evaluate.paired_bootstrap`; ``groups``: each
+    image's task in task addition, where the statistic is the average over tasks)."""
+    if reference not in methods:
+        return {}
+    ref = per_image_scores(methods[reference]["test"], labels)
+    return {name: paired_bootstrap(per_image_scores(probs["test"], labels), ref, groups, seed=seed)
+            for name, probs in methods.items() if name != reference}
+
+
+def paired_cell(method_metrics: dict) -> str:
+    """``+0.012 [-0.004, +0.030]``: a method's paired accuracy difference against VTVC, or ``-`` without one."""
+    paired = method_metrics.get("paired_vs_vtvc", {}).get("accuracy")
+    if not paired:
+        return "-"
+    lo, hi = paired["interval95"]
+    return f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _selection(inclusion: torch.Tensor, lam: torch.Tensor, target: Target) -> dict | None:

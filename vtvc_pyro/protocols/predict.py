@@ -113,7 +113,10 @@ class Predictor:
         dev = resolve_device(device)
         protocol = protocol_for(cfg.protocol)
         target = protocol.select(cfg, dev)
-        head, class_names = protocol.prediction_head(target, task)
+        try:
+            head, class_names = protocol.prediction_head(target, task)
+        except ConfigError as err:
+            raise ConfigError(f"{run_dir}: {err}") from None
         bank, tasks = target.bank, target.tasks
         if record.get("tasks") and list(record["tasks"]) != list(tasks):
             raise ConfigError(f"{run_dir} composed {record['tasks']} but its bank now gives {tasks}: "

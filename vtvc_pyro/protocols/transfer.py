@@ -24,11 +24,15 @@ from ..evaluate import classification_metrics
 from ..methods import baselines
 from .fitting import (
     SPLITS,
+    BaselineRun,
     FitProtocol,
     Target,
     VTVCFit,
+    apply_shots,
     composition_diagnostics,
     open_bank,
+    paired_against,
+    paired_cell,
     run_baselines,
     score_methods,
 )
@@ -70,12 +74,13 @@ def format_transfer(metrics: dict) -> str:
     """A plain-text table: methods x (accuracy, its interval, NLL, ECE, Brier, and after temperature scaling)."""
     rows = [f"target: {metrics['target']}  ({metrics['num_test']} test images, {len(metrics['tasks'])} task vectors)",
             f"{'method':18s} {'accuracy':>9s} {'95% interval':>15s} {'nll':>8s} {'ece':>8s} {'brier':>8s} "
-            f"{'nll (TS)':>9s} {'ece (TS)':>9s}"]
+            f"{'nll (TS)':>9s} {'ece (TS)':>9s} {'acc - vtvc, paired 95%':>24s}"]
     for name, m in metrics["methods"].items():
         lo, hi = m.get("interval95", {}).get("accuracy", (math.nan, math.nan))
         ts = m.get("temperature_scaled", {})
         rows.append(f"{name:18s} {m['accuracy']:9.4f} {f'[{lo:.3f}, {hi:.3f}]':>15s} {m['nll']:8.4f} {m['ece']:8.4f} "
-                    f"{m['brier']:8.4f} {ts.get('nll', math.nan):9.4f} {ts.get('ece', math.nan):9.4f}")
+                    f"{m['brier']:8.4f} {ts.get('nll', math.nan):9.4f} {ts.get('ece', math.nan):9.4f} "
+                    f"{paired_cell(m):>24s}")
     comp = metrics.get("composition", {})
     if comp:
         line = f"posterior inclusion {comp['mean_inclusion']:.3f} (sd across tasks {comp['inclusion_sd_across_tasks']:.3f})"
@@ -89,7 +94,6 @@ class Transfer(FitProtocol):
     """Held-out target (see the module docstring)."""
 
     name = "transfer"
-    summary = "compose the bank's other vectors for one held-out target"
 
     def label(self, cfg: FitConfig) -> str:
         return cfg.target
@@ -98,20 +102,21 @@ class Transfer(FitProtocol):
         return select_target(cfg, device, progress)
 
     def load(self, cfg: FitConfig, device: torch.device, progress: bool = False) -> Target:
-        return load_target(cfg, device, progress)
+        return apply_shots(load_target(cfg, device, progress), cfg.shots, cfg.seed)
 
-    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> tuple[dict, dict, dict]:
-        methods, extra = run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress)
-        return methods, extra, {}
+    def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> BaselineRun:
+        return BaselineRun(*run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress))
 
-    def metrics(self, cfg: FitConfig, target: Target, methods: dict, extra: dict, routing: dict,
-                vtvc: VTVCFit) -> dict:
+    def metrics(self, cfg: FitConfig, target: Target, methods: dict, baselines: BaselineRun, vtvc: VTVCFit) -> dict:
         val_y, test_y = target.data["val"].labels, target.data["test"].labels
         local = vtvc.draws.local
-        return {"target": cfg.target, "methods": score_methods(methods, val_y, test_y, seed=cfg.seed),
+        scores = score_methods(methods, val_y, test_y, seed=cfg.seed)
+        for name, paired in paired_against(methods, test_y, seed=cfg.seed).items():
+            scores[name]["paired_vs_vtvc"] = paired
+        return {"target": cfg.target, "methods": scores,
                 "num_test": len(test_y), "tasks": target.tasks, "svi": vtvc.svi_summary(detailed=True),
                 "composition": composition_diagnostics(vtvc.guide, local["lam"], local["inclusion"], target),
-                "baselines": extra}
+                "baselines": baselines.info}
 
     def score_test(self, target: Target, probs: torch.Tensor) -> dict:
         labels = target.data["test"].labels
