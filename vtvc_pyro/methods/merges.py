@@ -12,8 +12,8 @@ import torch
 
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
-from ..data.split import Split
 from ..compose.heads import class_logits
+from ..data.split import Split
 from ..errors import ConfigError
 from ..progress import track
 
