@@ -322,18 +322,23 @@ def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, pr
 
 
 # ---------------------------------------------------------------- baselines
+def _point_estimate_outputs(fit: RouterFit, target: Target) -> tuple[dict, dict]:
+    """A deterministic twin's ``{"val", "test"}`` probabilities and what its search chose."""
+    probs = {}
+    for split in ("val", "test"):
+        data = target.data[split]
+        probs[split] = mean_probs(fit.model, fit.guide, data.images, data.features, classes=data.classes)
+    *history, chosen = fit.history
+    return probs, {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
+
+
 def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[dict, dict, RouterFit]:
     """The deterministic per-sample router (:mod:`vtvc_pyro.bayes.router`) with VTVC's budget and K candidates:
     ``{"val", "test"}`` probabilities, what it chose, and the fit."""
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     fit = tuned_router(composer, target.head, target.data["train"], target.data["val"], cfg.svi,
                        candidate_components(cfg), cfg.hidden, cfg.slab_mean_init, cfg.seed, progress)
-    probs = {}
-    for split in ("val", "test"):
-        data = target.data[split]
-        probs[split] = mean_probs(fit.model, fit.guide, data.images, data.features, classes=data.classes)
-    *history, chosen = fit.history
-    info = {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
+    probs, info = _point_estimate_outputs(fit, target)
     return probs, info, fit
 
 
@@ -346,10 +351,7 @@ def run_flat_twin(cfg: FitConfig, target: Target, progress: bool = False) -> tup
     fit = tuned_point_estimate(
         lambda k: make_flat_twin(composer, target.head, train.features.shape[1], prior, settings, cfg.seed),
         train, val, cfg.svi, [1], cfg.seed, progress)
-    probs = {split: mean_probs(fit.model, fit.guide, target.data[split].images, target.data[split].features,
-                               classes=target.data[split].classes) for split in ("val", "test")}
-    *history, chosen = fit.history
-    return probs, {**chosen, "best_step": fit.best_step, "best_valnll": fit.best_val_nll, "history": history}
+    return _point_estimate_outputs(fit, target)
 
 
 def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bool = False) -> tuple[dict, dict]:
