@@ -1,13 +1,15 @@
 import json
+import stat
 
 import pytest
 import torch
 
 from vtvc_pyro import backbone
 from vtvc_pyro.bank import training
-from vtvc_pyro.bank.store import load_bank
+from vtvc_pyro.bank.store import build_embedded_bank, load_bank
 from vtvc_pyro.data import specs, suite
 from vtvc_pyro.errors import BankError, DataError
+from vtvc_pyro.io import default_mode
 
 from .conftest import run_inline
 
@@ -49,6 +51,20 @@ def test_missing_bank_says_how_to_build_it(tmp_path):
         load_bank(tmp_path / "nowhere")
 
 
+def test_bank_built_on_an_older_suite_is_refused_with_the_rebuild_command(bank_path, tmp_path):
+    """A bank built before the source tasks held out their val split pretrained on images that
+    val now holds: loading or reusing it says how to rebuild it instead of leaking them."""
+    manifest = json.loads((bank_path / "manifest.json").read_text())
+    assert manifest["suite"] == suite.VERSION
+    manifest.pop("suite")
+    stale = tmp_path / "bank"
+    stale.mkdir()
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    for read in (load_bank, build_embedded_bank):
+        with pytest.raises(BankError, match=f"suite version 1.*bank build --overwrite --out {stale}"):
+            read(stale)
+
+
 def test_data_specs():
     task = specs.load_dataset("suite:mixed", 0)
     assert [len(task.split(s)[0]) for s in ("train", "val", "test")] == [200, 100, 397]
@@ -57,8 +73,11 @@ def test_data_specs():
         specs.load_dataset("imagenet-21k")
     with pytest.raises(DataError, match="train/<class>"):
         specs.load_dataset("imagefolder:/nonexistent")
-    src = specs.with_validation(specs.load_dataset("digits-noisy", 0))
-    assert len(src.split("val")[0]) == 90 and len(src.split("train")[0]) == 810
+    src = specs.load_dataset("digits-noisy", 0)
+    assert [len(src.split(s)[0]) for s in ("train", "val", "test")] == [900, 300, 200]
+    assert specs.with_validation(src) is src  # its own held-out val, nothing carved from train
+    carved = specs.with_validation(suite.TaskData("t", ("a", "b"), (), {"train": src.split("train")}))
+    assert len(carved.split("val")[0]) == 90 and len(carved.split("train")[0]) == 810
 
 
 def test_pools_are_disjoint():
@@ -66,6 +85,52 @@ def test_pools_are_disjoint():
     a = set(pools["A-train"].tolist()) | set(pools["A-test"].tolist())
     b = set().union(*(set(pools[k].tolist()) for k in ("B-train", "B-val", "B-test")))
     assert not a & b and len(a | b) == 1797
+
+
+def _shared_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of ``a`` [N, ...] are, pixel for pixel, an image of ``b`` [M, ...]."""
+    flat_a, flat_b = a.flatten(1), b.flatten(1)
+    return int((torch.cdist(flat_a, flat_b) < 1e-4).any(1).sum())
+
+
+def _raw_content(name: str, split: str, seed: int = 0) -> torch.Tensor:
+    """A source split's images before the task's own transform (noise would hide a shared image)."""
+    if name.startswith("digits") or name == "parity":
+        x, _ = suite._digits()
+        rows = {"train": "A-train", "val": "source-val", "test": "A-test"}[split]
+        return x[suite.digit_pools(seed)[rows]]
+    if name == "faces-noisy":
+        x, _ = suite._faces()
+        return x[suite.face_split(seed)[split]]
+    return specs.load_dataset(name, seed).split(split)[0] * 0.5 + 0.5  # textures: crops, back to [0, 1]
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-noisy", "parity", "textures", "faces-noisy"])
+def test_source_val_is_never_pretrained_fine_tuned_or_tested_on(name):
+    """By content, not by index: no image of a source task's val split (what task addition learns
+    and selects on) is a fine-tuning image, a test image, or an image of the pretraining corpus."""
+    task = specs.load_dataset(name, 0)
+    assert len(task.split("val")[0]) >= 40
+    val = _raw_content(name, "val")
+    assert _shared_rows(val, _raw_content(name, "train")) == 0
+    assert _shared_rows(val, _raw_content(name, "test")) == 0
+    pretraining, _ = suite.pretraining_corpus(0)
+    assert _shared_rows(val, pretraining) == 0
+    # the check itself finds a shared image when there is one
+    assert _shared_rows(val[:3], torch.cat([pretraining, val[1:2]])) == 1
+    if name == "digits":  # the transformed val images too, against every fine-tuning image of every digit task
+        for other in [t for t in suite.SOURCES if t.startswith("digits") and t != "digits-noisy"]:
+            other_task = specs.load_dataset(other, 0)
+            assert _shared_rows(other_task.split("val")[0], other_task.split("train")[0]) == 0
+
+
+def test_target_test_images_are_never_learned_from():
+    """The held-out targets' test digits are neither a source val image nor a target train/val image."""
+    x, _ = suite._digits()
+    pools = suite.digit_pools(0)
+    test = x[pools["B-test"]]
+    for rows in ("source-val", "B-train", "B-val", "A-train", "A-test"):
+        assert _shared_rows(test, x[pools[rows]]) == 0
 
 
 def test_imagefolder_spec(tmp_path):
@@ -101,3 +166,4 @@ def test_finetune_script_writes_a_loadable_task_vector(bank_path, tmp_path):
     model = backbone.create_clip(backbone.TINY_MODEL, str(bank_path / "base.safetensors"))
     tv = TaskVector.load(out, base=backbone.image_tower_params(model), arch=backbone.TINY_MODEL)
     assert tv.task == "digits-rotated" and any(d.abs().max() > 0 for d in tv.deltas.values())
+    assert stat.S_IMODE(out.stat().st_mode) == default_mode()  # 0644 under umask 022, as the bank's files

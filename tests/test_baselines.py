@@ -80,7 +80,7 @@ def test_unknown_baseline_is_refused():
 
 def test_flat_twin_is_the_flat_guide_trained_without_prior_or_noise(bank_path):
     """The flat model's deterministic twin: the flat guide's heads, no keep rule, the router's search."""
-    cfg = FitConfig(target="rot-noise", bank=str(bank_path), model="flat", shots=4,
+    cfg = FitConfig(target="rot-noise", bank=str(bank_path), model="flat", shots=4, lr_factors=[0.5, 1, 2],
                     svi=SVIConfig(steps=6, eval_every=3, batch_size=16))
     target = apply_shots(load_target(cfg, torch.device("cpu")), cfg.shots, cfg.seed)
     probs, info = run_baselines(cfg, target, ["flat_twin"])

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import stat
 
 import arviz as az
 import matplotlib.pyplot as plt
@@ -10,6 +11,7 @@ import pytest
 
 from vtvc_pyro.bayes.guide import GUIDES
 from vtvc_pyro.bayes.priors import PRIORS
+from vtvc_pyro.io import default_mode
 
 from .conftest import run_inline, run_script
 
@@ -40,6 +42,9 @@ def test_fit_writes_every_output(short_run):
     assert config["svi"]["steps"] == 30
     assert config["run"]["environment"]["packages"]["pyro-ppl"] == importlib.metadata.version("pyro-ppl")
     assert "vtvc" in stdout and "task_arithmetic" in stdout
+    # readable by others as far as the umask allows (0644 under 022), not tempfile's private 0600
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    assert modes == dict.fromkeys(modes, default_mode())
 
 
 def test_posterior_is_arviz_native(short_run, tmp_path):
@@ -181,10 +186,11 @@ def test_low_rank_bank_fits_end_to_end(bank_path, tmp_path):
 
 
 def test_few_shot_fit_learns_from_k_images_per_class_and_pairs_every_method(bank_path, tmp_path):
+    """--shots, the paired intervals, and one learning-rate grid searched alike by VTVC, its twin and aTLAS."""
     out = tmp_path / "shots"
     proc = run_inline("--bank", str(bank_path), "--target", "rot-noise", "--shots", "3", "--components", "[1]",
                       "--svi.steps", "4", "--svi.eval_every", "2", "--svi.batch_size", "16", "--eval_samples", "2",
-                      "--baselines=[zeroshot,atlas]", "--out", str(out), "--quiet")
+                      "--lr_factors", "[0.5,2]", "--baselines=[zeroshot,atlas,router]", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     classes = 10
@@ -197,5 +203,14 @@ def test_few_shot_fit_learns_from_k_images_per_class_and_pairs_every_method(bank
         assert paired["difference"] == pytest.approx(expected, abs=1e-12)
         assert paired["interval95"][0] <= paired["difference"] <= paired["interval95"][1]
     assert "acc - vtvc, paired 95%" in proc.stdout
+    budget = {"fits": 2, "steps": 4, "batch_size": 16}
+    assert metrics["svi"]["budget"] == metrics["baselines"]["router"]["budget"] == budget
+    assert metrics["baselines"]["atlas"]["budget"] == budget
+    assert set(metrics["baselines"]["atlas"]["valnll_by_lr"]) == {"0.025", "0.1"}  # 5e-2 × the same factors
+    assert set(metrics["svi"]["val_nll_by_setting"]) == {"K=1, lr×0.5", "K=1, lr×2"}
+    assert metrics["svi"]["lr_factor"] in (0.5, 2)
+    assert (out / "checkpoint.safetensors").is_file() and (out / "checkpoint-k1-lrx2.safetensors").is_file()
     bad = run_inline("--bank", str(bank_path), "--shots", "0", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "shots must be a positive number" in bad.stderr
+    bad = run_inline("--bank", str(bank_path), "--lr_factors", "[1,1]", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "lr_factors must be distinct positive numbers" in bad.stderr

@@ -146,7 +146,7 @@ class FitConfig:
         protocol: transfer (compose the bank's other vectors for one held-out target) or addition (compose every task's vector; one model scores every task's test split with its own head).
         target: transfer: data set spec of the held-out target (suite name, imagefolder:PATH or benchmark:NAME@ROOT).
         tasks: addition: data set specs of the tasks, each matched to the bank's vector of the same name ([]: every vector of the bank, as suite tasks).
-        fit_split: addition: the data the learned methods learn from: train (select on val), or val (aTLAS's protocol at real scale: learn on 90 % of each task's val split, select on the rest; the fine-tuning data is never seen).
+        fit_split: addition: the data the learned methods learn from: val (aTLAS's protocol: learn on 90 % of each task's held-out val split, select on the rest; the images the task vectors were fine-tuned on are never seen), or train (learn on those fine-tuning images, select on val).
         shots: few-shot learning: keep this many learning images per class (transfer) or per task (addition), drawn with the fit's seed, and shrink val in proportion (at least 2 images per class); null: every learning image.
         bank: bank folder (the embedded one is built on first use).
         model: hierarchical (a global sparse composition routed per image) or flat (every coefficient per image).
@@ -154,6 +154,7 @@ class FitConfig:
         prior_args: prior arguments, e.g. {pi: 0.3, slab_scale: 1.0}.
         guide: guide name (vtvc fit --list_guides); global: task-level VI (hierarchical model without routing).
         components: hierarchical model: candidate numbers K of global compositions (each image follows one); each candidate is fitted and the lowest val NLL wins (the flat model and the global guide have K = 1).
+        lr_factors: the learning-rate grid of every supervised learned method, as factors of its base rate (VTVC and its deterministic twins: svi.lr and svi.global_lr; aTLAS: 5e-2): each is fitted at every factor (and every K) and the lowest val NLL wins, so all get the same search; [0.5,1,2] triples the fits.
         routing: hierarchical model: per-image Beta-Bernoulli routing of the task vectors.
         route_a: hierarchical model: Beta(a, b) prior of each task vector's use rate, a.
         route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
@@ -177,7 +178,7 @@ class FitConfig:
     protocol: Literal["transfer", "addition"] = "transfer"
     target: str = "mixed"
     tasks: list[str] = field(default_factory=list)
-    fit_split: Literal["train", "val"] = "train"
+    fit_split: Literal["train", "val"] = "val"
     shots: Optional[int] = None
     bank: str = DEFAULT_BANK
     model: Literal["hierarchical", "flat"] = "hierarchical"
@@ -185,6 +186,7 @@ class FitConfig:
     prior_args: dict = field(default_factory=dict)
     guide: str = "amortized_gated"
     components: list[int] = field(default_factory=lambda: [1, 4])
+    lr_factors: list[float] = field(default_factory=lambda: [1.0])
     routing: bool = True
     route_a: float = 1.0
     route_b: float = 1.0
@@ -230,6 +232,8 @@ class FitConfig:
                               "use --model hierarchical --guide global")
         if not self.components or min(self.components) < 1:
             raise ConfigError(f"components must be a non-empty list of integers >= 1, got {self.components}")
+        if not self.lr_factors or min(self.lr_factors) <= 0 or len(set(self.lr_factors)) < len(self.lr_factors):
+            raise ConfigError(f"lr_factors must be distinct positive numbers, e.g. [0.5,1,2], got {self.lr_factors}")
         if self.model == "hierarchical" and max(self.components) > 1 and self.svi.num_particles > 1:
             raise ConfigError("components > 1 enumerates each image's component: use svi.num_particles 1")
         _positive(self, ("beta",), strict=False)

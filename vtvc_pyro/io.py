@@ -21,8 +21,29 @@ from safetensors.torch import save_file
 from .errors import ConfigError
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it where the system says (Linux), else by setting
+    it and putting it straight back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode ``open()`` (0o666) or ``mkdir`` (0o777) would give under the process umask: 0o644 and
+    0o755 under the usual 022. ``tempfile`` makes its files private (0o600), which nobody asked for."""
+    return (0o777 if folder else 0o666) & ~process_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a unique temporary file beside ``path``, fsync it, then rename it to ``path``.
+    """Call ``write(tmp_path)`` on a unique temporary file beside ``path``, fsync it, then rename it to
+    ``path``, with the mode a plain ``open()`` would give (:func:`default_mode`).
 
     Usage::
 
@@ -37,6 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(default_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

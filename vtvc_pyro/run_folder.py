@@ -109,13 +109,15 @@ class RunFolder:
         """``figures/NAME.png``."""
         return self.figures / f"{name}.png"
 
-    def candidate(self, index: int, components: int) -> CandidateFiles:
-        """The files of the ``index``-th candidate, with ``components`` compositions: the first owns
-        the plain names (``checkpoint.safetensors``, ``history.csv``, ``tensorboard/``), the others
-        sit beside them named after K."""
-        suffix = "" if index == 0 else f"-k{components}"
+    def candidate(self, index: int, components: int, lr_factor: float = 1.0) -> CandidateFiles:
+        """The files of the ``index``-th candidate, with ``components`` compositions and learning
+        rates × ``lr_factor``: the first owns the plain names (``checkpoint.safetensors``,
+        ``history.csv``, ``tensorboard/``), the others sit beside them named after K (and the
+        factor when it is not 1: ``checkpoint-k4-lrx2.safetensors``)."""
+        name = "" if index == 0 else f"k{components}" + ("" if lr_factor == 1 else f"-lrx{lr_factor:g}")
+        suffix = name and f"-{name}"
         return CandidateFiles(self.path / f"checkpoint{suffix}.safetensors", self.path / f"history{suffix}.csv",
-                              self.path / "tensorboard" / ("" if index == 0 else f"k{components}"))
+                              self.path / "tensorboard" / name)
 
     def checkpoints(self) -> list[Path]:
         """Every candidate's checkpoint on disk, in name order."""

@@ -46,6 +46,7 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
     out = Path(out)
     cfg = replace(config or BuildConfig(), tasks=list((config and config.tasks) or suite.SOURCES))
     if (out / "manifest.json").is_file() and not overwrite:
+        check_suite_version(out, _read_manifest(out / "manifest.json"))
         log.info("reusing bank %s", out)
         return out
     start = time.time()
@@ -90,6 +91,7 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
     save_safetensors(heads, out / "heads.safetensors")
     manifest = {
         "format": "vtvc-bank/1",
+        "suite": suite.VERSION,
         "arch": cfg.arch,
         "base_fingerprint": fp,
         "config": asdict(cfg),
@@ -152,6 +154,28 @@ class LoadedBank:
         return feats
 
 
+def _read_manifest(manifest_path: Path) -> dict:
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BankError(f"{manifest_path} is not valid JSON ({err}); rebuild the bank") from err
+
+
+def check_suite_version(path: Path, manifest: dict) -> None:
+    """Refuse an embedded bank built on another layout of the offline suite: its pretraining and
+    fine-tuning data may include what the current suite holds out as ``val`` (built before
+    version 2). Imported banks carry no suite and always pass.
+
+    Raises:
+        BankError: naming the command that rebuilds it.
+    """
+    embedded = "pretrain_final_loss" in manifest  # written by build_embedded_bank only
+    if embedded and manifest.get("suite", 1) != suite.VERSION:
+        raise BankError(f"the embedded bank {path} was built on offline suite version {manifest.get('suite', 1)}, "
+                        f"and this version holds out other images ({suite.VERSION}): rebuild it with "
+                        f"`vtvc bank build --overwrite --out {path}` (about 3 minutes)")
+
+
 def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, dtype: str | None = "float32",
               stream: bool = False) -> LoadedBank:
     """Read a bank folder, checking every task vector against the base model.
@@ -167,10 +191,8 @@ def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, d
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise BankError(f"no bank at {path} (manifest.json missing): run `vtvc bank build --out {path}`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise BankError(f"{manifest_path} is not valid JSON ({err}); rebuild the bank") from err
+    manifest = _read_manifest(manifest_path)
+    check_suite_version(path, manifest)
     model = backbone.create_clip(manifest["arch"], str(path / "base.safetensors"))
     base = backbone.image_tower_params(model)
     names = tasks if tasks is not None else list(manifest["tasks"])

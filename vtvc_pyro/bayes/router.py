@@ -7,9 +7,8 @@ without a posterior). It is the hierarchical guide's own network, used as a poin
 
 with a Gaussian-prior guide (so no gates), trained by cross-entropy alone: no prior, no KL, no
 sampled routes. Everything else is VTVC's: the features it reads, K candidates chosen on val, the
-optimiser groups, schedule, clipping, step budget, and the state kept by the lowest val NLL. Like
-the other learned baselines its learning rate is tuned on val: VTVC's rate times
-:data:`ROUTER_LR_FACTORS`.
+optimiser groups, schedule, clipping, step budget, its learning-rate grid (VTVC's two rates times
+the same factors, the fit's ``lr_factors``), and the state kept by the lowest val NLL.
 
 The flat model's twin (:func:`make_flat_twin`) is the same idea for the flat model: its amortized
 guide (same prior parametrisation, e.g. gate probability × slab mean, same heads and width), used
@@ -38,8 +37,8 @@ from .registry import make_vtvc
 from .predictive import mean_probs
 from .svi import parameter_groups
 
-ROUTER_LR_FACTORS = (0.5, 1.0, 2.0)
-"""The router's learning-rate grid, relative to VTVC's ``svi.lr``, each with the full step budget."""
+ROUTER_LR_FACTORS = (1.0,)
+"""The learning-rate grid when none is given, as factors of VTVC's rates: VTVC's own alone."""
 
 
 @dataclass
@@ -125,14 +124,15 @@ def tuned_point_estimate(build: Callable[[int], tuple], train: Split, val: Split
                          components: list[int], seed: int = 0, progress: bool = False,
                          lr_factors: tuple[float, ...] = ROUTER_LR_FACTORS) -> RouterFit:
     """:func:`fit_router` of ``build(k) -> (model, guide)`` for every candidate number of compositions
-    ``k`` and learning rate (VTVC's × ``lr_factors``); the lowest val NLL wins. Its last history entry
-    records the choice and the search (``fits``: how many were run)."""
+    ``k`` and learning-rate factor (VTVC's ``lr`` and ``global_lr`` × each of ``lr_factors``, as VTVC
+    searches); the lowest val NLL wins. Its last history entry records the choice and the search
+    (``fits``: how many were run)."""
     fits = {}
     for k in components:
         for factor in lr_factors:
             model, guide = build(k)
-            fits[(k, cfg.lr * factor)] = fit_router(model, guide, train, val, replace(cfg, lr=cfg.lr * factor), seed,
-                                                    progress)
+            scaled = replace(cfg, lr=cfg.lr * factor, global_lr=cfg.global_lr * factor)
+            fits[(k, cfg.lr * factor)] = fit_router(model, guide, train, val, scaled, seed, progress)
     best_key = min(fits, key=lambda key: fits[key].best_val_nll)
     best = fits[best_key]
     best.history.append({"components": best_key[0], "lr": best_key[1],

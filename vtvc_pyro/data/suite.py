@@ -2,13 +2,18 @@
 
 Two disjoint pools of scikit-learn's 1,797 handwritten digits (split by seed):
 
-* pool A (900 train / 200 test) feeds pretraining and the source tasks;
-* pool B (697) feeds only the held-out targets (200 train / 100 val / 397 test).
+* pool A (900 train / 200 test) feeds pretraining and the source tasks' ``train`` and ``test``;
+* pool B (697) is never pretrained or fine-tuned on: the held-out targets use it as 200 train /
+  100 val / 397 test, and its first 300 (the targets' train and val) are the source tasks' ``val``.
 
 Source tasks are digits under one transform each (inverted, rotated, noisy, ...), digit parity,
-five scikit-image textures and scikit-image's noisy faces versus non-faces. Targets combine transforms
-that no single source covers; ``mixed`` gives each image one of three different pairs, the case
-where a per-sample composition should beat one shared composition.
+five scikit-image textures and scikit-image's noisy faces versus non-faces. Every source task has a
+``val`` split that neither pretraining nor fine-tuning saw and that no protocol tests on (digits:
+pool B's first 300; textures: crops of a band of each image that train and test crops never touch;
+faces: 40 images held back), so task addition can learn its coefficients on held-out data as
+aTLAS does at real scale. Targets combine transforms that no single source covers; ``mixed`` gives
+each image one of three different pairs, the case where a per-sample composition should beat one
+shared composition.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 IMAGE_SIZE = 16
+#: Version of the suite's data layout; a bank records the one it was built with. 2: held-out source
+#: ``val`` splits (digits from pool B, a texture band, 40 faces held back).
+VERSION = 2
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a photo of the digit {}.", "a picture of the number {}.", "the handwritten digit {}.")
 TEXTURE_NAMES = ("brick", "grass", "gravel", "text", "coins")
@@ -171,7 +179,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def digit_pools(seed: int) -> dict[str, torch.Tensor]:
-    """Indices of pool A (train/test) and pool B (train/val/test) for a seed."""
+    """Indices of pool A (train/test), pool B (train/val/test) and the source tasks' val for a seed."""
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(seed))
     return {
         "A-train": perm[:900],
@@ -179,15 +187,20 @@ def digit_pools(seed: int) -> dict[str, torch.Tensor]:
         "B-train": perm[1100:1300],
         "B-val": perm[1300:1400],
         "B-test": perm[1400:],
+        # the source tasks' val: pool B's learning part (never a test image of any protocol)
+        "source-val": perm[1100:1400],
     }
 
 
-def _texture_crops(n_per_class: int, part: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random 48-px crops of five scikit-image textures, resized to 16 px.
+#: The horizontal band of each texture image (fractions of its width) that a split's crops lie in:
+#: disjoint, so no two splits share a pixel.
+TEXTURE_BANDS = {"train": (0.0, 0.55), "val": (0.55, 0.7), "test": (0.7, 1.0)}
+TEXTURE_CROPS = {"train": 200, "val": 40, "test": 100}
 
-    Train crops come from the left 70 % of each image and test crops from the right 30 %, so
-    train and test never share pixels.
-    """
+
+def _texture_crops(n_per_class: int, part: str, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random 48-px crops of five scikit-image textures from the band ``TEXTURE_BANDS[part]``,
+    resized to 16 px: ``([5 * n_per_class, 3, 16, 16], labels)``."""
     from skimage import data
 
     images, labels = [], []
@@ -196,7 +209,7 @@ def _texture_crops(n_per_class: int, part: str, g: torch.Generator) -> tuple[tor
         if img.ndim == 3:
             img = img.mean(-1)
         h, w = img.shape
-        lo, hi = (0, int(0.7 * w)) if part == "train" else (int(0.7 * w), w)
+        lo, hi = (int(f * w) for f in TEXTURE_BANDS[part])
         crop = 48
         xs = torch.randint(lo, hi - crop, (n_per_class,), generator=g)
         ys = torch.randint(0, h - crop, (n_per_class,), generator=g)
@@ -217,35 +230,40 @@ def _faces() -> tuple[torch.Tensor, torch.Tensor]:
     return x.expand(-1, 3, -1, -1).contiguous(), y
 
 
-def face_split(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the 150 training and 50 test images of ``lfw_subset`` for a seed."""
+def face_split(seed: int) -> dict[str, torch.Tensor]:
+    """Indices of the 110 train, 40 val and 50 test images of ``lfw_subset`` for a seed."""
     perm = torch.randperm(200, generator=torch.Generator().manual_seed(seed))
-    return perm[:150], perm[150:]
+    return {"train": perm[:110], "val": perm[110:150], "test": perm[150:]}
 
 
 # ---------------------------------------------------------------- tasks
+SOURCE_SPLITS = ("train", "val", "test")
+
+
 def source_task(name: str, seed: int = 0) -> TaskData:
-    """A source task on pool A (``train``/``test``), or textures/faces from their own images."""
+    """A source task: digits on pool A (``train``/``test``) with ``val`` from pool B, or
+    textures/faces from their own images; ``val`` is never pretrained or fine-tuned on."""
     g = torch.Generator().manual_seed(seed * 1000 + SOURCES.index(name))
     if name in DIGIT_TRANSFORMS or name == "parity":
         x, y = _digits()
         pools = digit_pools(seed)
+        rows = {"train": pools["A-train"], "val": pools["source-val"], "test": pools["A-test"]}
         fn = DIGIT_TRANSFORMS.get(name, DIGIT_TRANSFORMS["digits"])
-        splits = {s: (normalize(fn(x[pools[f"A-{s}"]], g)), y[pools[f"A-{s}"]]) for s in ("train", "test")}
+        splits = {s: (normalize(fn(x[rows[s]], g)), y[rows[s]]) for s in SOURCE_SPLITS}
         if name == "parity":
             splits = {s: (img, lab % 2) for s, (img, lab) in splits.items()}
             return TaskData(name, PARITY_NAMES, PARITY_TEMPLATES, splits)
         return TaskData(name, DIGIT_NAMES, DIGIT_TEMPLATES, splits)
     if name == "textures":
-        splits = {s: _texture_crops(n, s, g) for s, n in (("train", 200), ("test", 100))}
+        splits = {s: _texture_crops(TEXTURE_CROPS[s], s, g) for s in SOURCE_SPLITS}
         splits = {s: (normalize(img), lab) for s, (img, lab) in splits.items()}
         return TaskData(name, TEXTURE_NAMES, TEXTURE_TEMPLATES, splits)
     if name == "faces-noisy":
         # Clean faces are trivial after pretraining (zero-shot 100 %); sensor noise leaves room to learn.
         x, y = _faces()
         x = noisy(x, g)
-        train, test = face_split(seed)
-        splits = {"train": (normalize(x[train]), y[train]), "test": (normalize(x[test]), y[test])}
+        rows = face_split(seed)
+        splits = {s: (normalize(x[rows[s]]), y[rows[s]]) for s in SOURCE_SPLITS}
         return TaskData(name, FACE_NAMES, FACE_TEMPLATES, splits)
     raise KeyError(name)
 
@@ -284,9 +302,9 @@ def pretraining_corpus(seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     x, y = _digits()
     pools = digit_pools(seed)
     g = torch.Generator().manual_seed(seed + 7)
-    tex_x, tex_y = _texture_crops(200, "train", g)
+    tex_x, tex_y = _texture_crops(TEXTURE_CROPS["train"], "train", g)
     face_x, face_y = _faces()
-    face_train, _ = face_split(seed)
+    face_train = face_split(seed)["train"]
     face_x, face_y = face_x[face_train], face_y[face_train]
     # A glimpse of each source transform (a few dozen images) lifts zero-shot above chance on
     # every source without saturating it.

@@ -21,7 +21,7 @@ from ..compose.engine import Composer
 from ..config import ALL_BASELINES
 from ..data.split import Split
 from ..errors import ConfigError
-from .learned import tuned_adamerging, tuned_shared_coefficients
+from .learned import ATLAS_LR, tuned_adamerging, tuned_shared_coefficients
 from .merges import (
     average_coefficients,
     choose_on_val,
@@ -51,7 +51,9 @@ class BaselineInputs:
         test_images: ``[N_test, 3, H, W]`` (AdaMerging adapts on them, without labels).
         test_classes: ``[N_test, C]`` bool or ``None``, as for ``train``.
         own_vector: a one-task bank with the target's own fine-tuned vector, when the bank has it.
-        steps, batch_size, eval_every, seed: the budget of the learned methods (their rates are tuned on val).
+        steps, batch_size, eval_every, seed: the budget of the learned methods.
+        lr_factors: the learning-rate grid of the supervised learned methods, as factors of each
+            one's base rate (aTLAS: 5e-2); the lowest val NLL wins. AdaMerging keeps its own grid.
     """
 
     visual: torch.nn.Module
@@ -66,6 +68,7 @@ class BaselineInputs:
     batch_size: int = 64
     eval_every: int = 50
     seed: int = 0
+    lr_factors: tuple[float, ...] = (1.0,)
     progress: bool = False
 
     def composer(self, granularity: str, vectors: TaskVectorBank | None = None) -> Composer:
@@ -109,8 +112,9 @@ def _ties(inp: BaselineInputs):
 
 def _atlas(inp: BaselineInputs):
     c = inp.composer("block")
-    lam, info = tuned_shared_coefficients(c, inp.head, inp.train, inp.val, steps=inp.steps, batch_size=inp.batch_size,
-                                          eval_every=inp.eval_every, seed=inp.seed, progress=inp.progress)
+    lam, info = tuned_shared_coefficients(c, inp.head, inp.train, inp.val, lrs=tuple(ATLAS_LR * f for f in inp.lr_factors),
+                                          steps=inp.steps, batch_size=inp.batch_size, eval_every=inp.eval_every,
+                                          seed=inp.seed, progress=inp.progress)
     return c, lam, info
 
 

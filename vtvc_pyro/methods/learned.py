@@ -20,11 +20,19 @@ from .merges import accuracy, class_logits, nll, predict_shared
 
 log = logging.getLogger(__name__)
 
-ATLAS_LRS = (1e-2, 5e-2, 1e-1)
-"""aTLAS's learning-rate grid (plain Adam, constant rate), each with the full step budget."""
+ATLAS_LR = 5e-2
+"""aTLAS's base learning rate (plain Adam, constant rate); the fit's ``lr_factors`` scale it into the grid."""
+
+ATLAS_LRS = (ATLAS_LR,)
+"""aTLAS's learning-rate grid when none is given: the base rate alone."""
 
 ADAMERGING_LRS = (1e-3, 1e-2)
 """AdaMerging's learning-rate grid (Adam, the paper's 1e-3 and a faster one)."""
+
+
+def _budget(lrs, kwargs: dict) -> dict:
+    """The search a tuned method got, as ``metrics.json`` records it for every learned method."""
+    return {"fits": len(lrs), "steps": kwargs.get("steps"), "batch_size": kwargs.get("batch_size")}
 
 
 def _val_record(composer, head, val: Split, lam, step: int, **extra) -> dict:
@@ -81,7 +89,7 @@ def tuned_shared_coefficients(composer, head, train, val, lrs=ATLAS_LRS, **kwarg
     """:func:`learn_shared_coefficients` at every rate of ``lrs``; the lowest val NLL wins."""
     runs = [learn_shared_coefficients(composer, head, train, val, lr=lr, **kwargs) for lr in lrs]
     lam, info = min(runs, key=lambda run: run[1]["best_valnll"])
-    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["best_valnll"] for r in runs}}
+    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["best_valnll"] for r in runs}, "budget": _budget(lrs, kwargs)}
 
 
 def adamerging(
@@ -133,4 +141,4 @@ def tuned_adamerging(composer, head, unlabeled, val, lrs=ADAMERGING_LRS, **kwarg
         lam, info = adamerging(composer, head, unlabeled, lr=lr, **kwargs)
         runs.append((lam, {**info, **_val_record(composer, head, val, lam, kwargs.get("steps", 600))}))
     lam, info = min(runs, key=lambda run: run[1]["valnll"])
-    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["valnll"] for r in runs}}
+    return lam, {**info, "valnll_by_lr": {r[1]["lr"]: r[1]["valnll"] for r in runs}, "budget": _budget(lrs, kwargs)}

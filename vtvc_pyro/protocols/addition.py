@@ -3,9 +3,10 @@
 Protocol (task_vectors, aTLAS, AdaMerging, TIES, WEMoE):
 
 * every task's vector is composed (T tasks, T vectors);
-* the learned methods learn from the union of the tasks' ``train`` splits and select on the union
-  of their ``val`` splits (``--fit_split val``: aTLAS's real-scale protocol, learning from 90 % of
-  each task's val split and selecting on the rest, so the fine-tuning data is never seen);
+* the learned methods learn from 90 % of each task's held-out ``val`` split and select on the rest
+  (``--fit_split val``, the default: aTLAS's protocol, so the images the task vectors were
+  fine-tuned on are never seen), or learn from the ``train`` splits, the vectors' own fine-tuning
+  images, and select on ``val`` (``--fit_split train``);
 * every image carries its task, and the likelihood scores it with that task's frozen zero-shot head
   (the heads are stacked, the other tasks' classes masked: :mod:`vtvc_pyro.compose.heads`). The
   posterior (and the router) sees only the image: recognising the task is part of the job;

@@ -35,7 +35,7 @@ import torch
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
 from ..errors import ConfigError
-from ..io import atomic_write, save_safetensors, write_json
+from ..io import atomic_write, default_mode, save_safetensors, write_json
 from ..methods.merges import predict_shared
 from ..run_folder import RunFolder
 from .fit import protocol_for
@@ -145,7 +145,7 @@ def export_folder(out: str | Path, model: torch.nn.Module, bank: TaskVectorBank,
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             write_into(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private
+            tmp.chmod(default_mode(folder=True))  # mkdtemp makes it private
             os.replace(tmp, out)  # replaces an empty folder too
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyro
@@ -247,24 +247,39 @@ class VTVCFit:
     composer: Composer
     methods: dict[str, dict[str, torch.Tensor]]
     draws: Draws
-    val_nll_by_components: dict[int, float]
+    val_nll_by_setting: dict[tuple[int, float], float]  # (K, learning-rate factor) -> best val NLL
     steps: int = 0  # the search (each candidate's steps and batch), recorded as the budget
     batch_size: int = 0
 
     @property
+    def chosen(self) -> tuple[int, float]:
+        """The winning ``(K, learning-rate factor)``."""
+        return min(self.val_nll_by_setting, key=self.val_nll_by_setting.get)
+
+    @property
     def components(self) -> int:
-        return min(self.val_nll_by_components, key=self.val_nll_by_components.get)
+        return self.chosen[0]
+
+    @property
+    def val_nll_by_components(self) -> dict[int, float]:
+        """Per K, the best val NLL over the learning rates."""
+        out: dict[int, float] = {}
+        for (k, _), nll in self.val_nll_by_setting.items():
+            out[k] = min(out.get(k, math.inf), nll)
+        return out
 
     def svi_summary(self, detailed: bool = True) -> dict:
         """``metrics.json``'s ``svi`` block (``detailed``: with the best val accuracy and the last finite ELBO)."""
         fit = self.result
         out = {"components": self.components, "val_nll_by_components": self.val_nll_by_components,
+               "lr_factor": self.chosen[1],
+               "val_nll_by_setting": {f"K={k}, lr×{f:g}": v for (k, f), v in self.val_nll_by_setting.items()},
                "best_step": fit.best_step, "best_val_nll": fit.best_val_nll}
         if detailed:
             out.update({"best_val_accuracy": fit.best_val_accuracy,
                         "final_elbo": next((e for e in reversed(fit.elbo_trace) if math.isfinite(e)), None)})
         out["val_history"] = fit.val_history
-        out["budget"] = {"fits": len(self.val_nll_by_components), "steps": self.steps, "batch_size": self.batch_size}
+        out["budget"] = {"fits": len(self.val_nll_by_setting), "steps": self.steps, "batch_size": self.batch_size}
         return out
 
 
@@ -278,16 +293,17 @@ class Candidate:
 
 
 def fit_candidate(cfg: FitConfig, target: Target, composer: Composer, components: int, files, resume: bool,
-                  progress: bool) -> Candidate:
-    """One SVI fit with ``components`` compositions into ``files``
-    (:class:`~vtvc_pyro.run_folder.CandidateFiles`)."""
+                  progress: bool, lr_factor: float = 1.0) -> Candidate:
+    """One SVI fit with ``components`` compositions and both learning rates × ``lr_factor`` into
+    ``files`` (:class:`~vtvc_pyro.run_folder.CandidateFiles`)."""
     train, val = target.data["train"], target.data["val"]
     model, guide = build_vtvc(cfg, composer, target.head, train.features.shape[1], components)
     model, guide = model.to(target.head.device), guide.to(target.head.device)
     resume = resume and files.checkpoint.is_file()  # a candidate the interrupted run had not started starts afresh
     if hasattr(guide, "initialize") and not resume:
         guide.initialize(train.features, seed=cfg.seed)
-    fit = fit_svi(model, guide, train, val, cfg.svi, checkpoint_path=files.checkpoint, resume=resume,
+    svi = replace(cfg.svi, lr=cfg.svi.lr * lr_factor, global_lr=cfg.svi.global_lr * lr_factor)
+    fit = fit_svi(model, guide, train, val, svi, checkpoint_path=files.checkpoint, resume=resume,
                   progress=progress, seed=cfg.seed, history_path=files.history,
                   tensorboard_dir=files.tensorboard if cfg.logger == "tensorboard" else None)
     return Candidate(model, guide, fit)
@@ -308,17 +324,20 @@ def predict_vtvc(cfg: FitConfig, model, guide, target: Target, progress: bool) -
 
 
 def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, progress: bool) -> VTVCFit:
-    """Fit VTVC by SVI (every candidate number of components; the lowest val NLL wins), save the
-    chosen guide, and draw its predictive on val and test."""
+    """Fit VTVC by SVI (every candidate number of components × learning-rate factor, the same
+    search as the deterministic twins; the lowest val NLL wins), save the chosen guide, and draw
+    its predictive on val and test."""
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
-    candidates = {k: fit_candidate(cfg, target, composer, k, folder.candidate(i, k), resume, progress)
-                  for i, k in enumerate(candidate_components(cfg))}
-    chosen = min(candidates, key=lambda k: candidates[k].result.best_val_nll)
+    settings = [(k, f) for k in candidate_components(cfg) for f in cfg.lr_factors]
+    candidates = {(k, f): fit_candidate(cfg, target, composer, k, folder.candidate(i, k, f), resume, progress, f)
+                  for i, (k, f) in enumerate(settings)}
+    chosen = min(candidates, key=lambda key: candidates[key].result.best_val_nll)
     best = candidates[chosen]
-    folder.write_guide(best.guide.state_dict(), {"best_step": str(best.result.best_step), "components": str(chosen)})
+    folder.write_guide(best.guide.state_dict(), {"best_step": str(best.result.best_step), "components": str(chosen[0]),
+                                                 "lr_factor": f"{chosen[1]:g}"})
     methods, draws = predict_vtvc(cfg, best.model, best.guide, target, progress)
     return VTVCFit(best.result, best.guide, composer, methods, draws,
-                   {k: c.result.best_val_nll for k, c in candidates.items()}, cfg.svi.steps, cfg.svi.batch_size)
+                   {key: c.result.best_val_nll for key, c in candidates.items()}, cfg.svi.steps, cfg.svi.batch_size)
 
 
 # ---------------------------------------------------------------- baselines
@@ -337,20 +356,21 @@ def run_router(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[
     ``{"val", "test"}`` probabilities, what it chose, and the fit."""
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     fit = tuned_router(composer, target.head, target.data["train"], target.data["val"], cfg.svi,
-                       candidate_components(cfg), cfg.hidden, cfg.slab_mean_init, cfg.seed, progress)
+                       candidate_components(cfg), cfg.hidden, cfg.slab_mean_init, cfg.seed, progress,
+                       tuple(cfg.lr_factors))
     probs, info = _point_estimate_outputs(fit, target)
     return probs, info, fit
 
 
 def run_flat_twin(cfg: FitConfig, target: Target, progress: bool = False) -> tuple[dict, dict]:
     """The flat model's deterministic twin (:func:`~vtvc_pyro.bayes.router.make_flat_twin`) with the
-    router's search: ``{"val", "test"}`` probabilities and what it chose."""
+    flat model's search (K = 1, the ``lr_factors`` grid): ``{"val", "test"}`` probabilities and what it chose."""
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     prior, settings = make_prior(cfg.prior, **cfg.prior_args), GuideSettings.from_config(cfg)
     train, val = target.data["train"], target.data["val"]
     fit = tuned_point_estimate(
         lambda k: make_flat_twin(composer, target.head, train.features.shape[1], prior, settings, cfg.seed),
-        train, val, cfg.svi, [1], cfg.seed, progress)
+        train, val, cfg.svi, [1], cfg.seed, progress, tuple(cfg.lr_factors))
     return _point_estimate_outputs(fit, target)
 
 
@@ -364,7 +384,7 @@ def run_baselines(cfg: FitConfig, target: Target, names: list[str], progress: bo
         visual=target.bank.model.visual, vectors=target.bank.vectors, head=target.head,
         train=target.data["train"], val=target.data["val"], test_images=test.images, test_classes=test.classes,
         own_vector=target.own_vector, steps=cfg.svi.steps, batch_size=cfg.svi.batch_size,
-        eval_every=cfg.svi.eval_every, seed=cfg.seed, progress=progress,
+        eval_every=cfg.svi.eval_every, seed=cfg.seed, lr_factors=tuple(cfg.lr_factors), progress=progress,
     )
     probs, info = {}, {}
     for name in names:
