@@ -140,6 +140,33 @@ def test_bad_flags_are_one_line(capsys):
     assert err.count("\n") == 1 and "svi.steps" in err
 
 
+def test_a_misspelt_flag_names_the_closest_and_is_never_taken_as_an_abbreviation(capsys):
+    assert main(["fit", "--svi.step", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: vtvc fit has no flag --svi.step: did you mean --svi.steps? (see vtvc fit --help)\n"
+    assert main(["bank", "build", "--out_dir", "x"]) == 2
+    assert "vtvc bank build has no flag --out_dir: did you mean --out?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("habit, usual", [
+    (["fit", "--dry-run", "--svi.batch-size", "8"], ["fit", "--dry_run", "--svi.batch_size", "8"]),
+    (["fit", "svi.steps=10", "target=rot-noise"], ["fit", "--svi.steps=10", "--target=rot-noise"]),
+    (["fit", "--baselines", "atlas,ties", "--components=1,4"], ["fit", "--baselines", "[atlas,ties]", "--components=[1,4]"]),
+    (["fit", "--quiet", "-v", "--log-level", "INFO"], ["-v", "--log_level", "INFO", "fit", "--quiet"]),
+    (["ablate", "--sweep", "svi.lr=0.1,0.2", "--sweep", "seed=1"], ["ablate", "--sweep", "svi.lr=0.1,0.2", "--sweep", "seed=1"]),
+    (["export", "--overwrite", "RUN", "--out", "o"], ["export", "--overwrite", "RUN", "--out", "o"]),
+    (["fit", "--svi.lr=-1e-3", "--baselines=[]"], ["fit", "--svi.lr=-1e-3", "--baselines=[]"]),
+])
+def test_habits_from_other_tools_mean_what_they_say(habit, usual):
+    """Dashes for underscores, Hydra's key=value, comma lists, -v after the subcommand."""
+    from vtvc_pyro.cli import _repeated_flags, _tree
+    from vtvc_pyro.cli.argv import forgive
+
+    assert forgive(habit, _tree(COMMANDS)) == usual
+    parser = build_parser()
+    assert parser.parse_args(_repeated_flags(forgive(habit, _tree(COMMANDS)))) == parser.parse_args(_repeated_flags(usual))
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(bank_path, tmp_path):
     out = tmp_path / "never"
     bank_files = sorted((p, p.stat().st_mtime_ns) for p in bank_path.rglob("*"))

@@ -5,8 +5,9 @@ settings dataclass, handler). Every flag comes from a field of a dataclass of :m
 through jsonargparse, named as its field (``--svi.kl_weight``), with its default and its line of the
 class docstring in ``--help``; the few positionals (``vtvc report RUN_DIR``) are fields too.
 jsonargparse also gives ``--config FILE`` (JSON or YAML, e.g. a run's own ``config.json``) and
-``--print_config``. List values are YAML/JSON lists everywhere: ``--baselines [atlas,ties]``, ``[]``
-for none. Building the parser imports nothing heavy (the handlers of :mod:`.commands` import what they
+``--print_config``. List values are YAML/JSON lists (``--baselines [atlas,ties]``, ``[]`` for none) or
+plain ``atlas,ties``; dashes work as underscores (``--dry-run``), ``svi.steps=10`` as
+``--svi.steps 10``, and a misspelt flag is refused with the closest one (:mod:`.argv`). Building the parser imports nothing heavy (the handlers of :mod:`.commands` import what they
 need when they run), so ``--help`` answers at once.
 
 Usage::
@@ -34,6 +35,7 @@ from jsonargparse import (
 
 from .. import config
 from ..errors import VTVCError
+from .argv import REPEATABLE, FlagError, forgive
 from .commands import COMMANDS, Command
 
 __all__ = ["COMMANDS", "Command", "build_parser", "build_settings", "main", "entry_point"]
@@ -76,7 +78,8 @@ def add_settings(parser: ArgumentParser, settings: type) -> None:
 
 def _parser(command: Command) -> ArgumentParser:
     """A subcommand's parser: ``--config`` first (later flags override the file), then its settings."""
-    parser = ArgumentParser(description=command.help, formatter_class=DefaultHelpFormatter, exit_on_error=False)
+    parser = ArgumentParser(description=command.help, formatter_class=DefaultHelpFormatter, exit_on_error=False,
+                            allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="settings from a JSON or YAML file (later flags win)")
     if command.settings is not None:
         add_settings(parser, command.settings)
@@ -99,7 +102,7 @@ def _add_commands(parser: ArgumentParser, tree: dict, dest: str) -> None:
     for name, entry in tree.items():
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"vtvc {name} subcommands", formatter_class=DefaultHelpFormatter,
-                                   exit_on_error=False)
+                                   exit_on_error=False, allow_abbrev=False)
             sub.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")  # jsonargparse: parents first
             _add_commands(group, entry, f"{name}_command")
         else:
@@ -109,7 +112,8 @@ def _add_commands(parser: ArgumentParser, tree: dict, dest: str) -> None:
 def build_parser() -> ArgumentParser:
     """The whole ``vtvc`` parser (cheap: no heavy import)."""
     parser = ArgumentParser(prog="vtvc", description="Variational Task Vector Composition over open_clip CLIP models.",
-                            formatter_class=DefaultHelpFormatter, exit_on_error=False)
+                            formatter_class=DefaultHelpFormatter, exit_on_error=False,
+                            allow_abbrev=False)
     add_settings(parser, config.MainOptions)
     _add_commands(parser, _tree(COMMANDS), "command")
     return parser
@@ -136,10 +140,6 @@ def _selected(ns: Namespace) -> tuple[Command, Namespace]:
         node, key = entry, f"{name}_command"
 
 
-REPEATABLE = ("--sweep", "--hf_vision")
-"""List flags that may be given once per item (``--sweep a=1,2 --sweep b=3``) as well as as a YAML list."""
-
-
 def _repeated_flags(argv: list[str]) -> list[str]:
     """``--sweep X`` -> ``--sweep+ X`` (jsonargparse's append) unless X is a YAML list."""
     out = list(argv)
@@ -153,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``vtvc ARGV``; a :class:`VTVCError` becomes one line on stderr and exit status 2."""
     parser = build_parser()
     try:
-        ns = parser.parse_args(_repeated_flags(sys.argv[1:] if argv is None else argv))
+        args = forgive(list(sys.argv[1:] if argv is None else argv), _tree(COMMANDS))
+        ns = parser.parse_args(_repeated_flags(args))
+    except FlagError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except argparse.ArgumentError as err:  # one line, as for every other bad input
         message = " ".join(str(err).split())
         print(f"error: {message} (see --help)", file=sys.stderr)
