@@ -131,12 +131,17 @@ def test_addition_benchmark_rows_on_the_tiny_model(tmp_path, capsys):
                      "--repeats", "1", "--warmup", "0", "--markdown", "true", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    rows = result["rows"]
+    bases, rows = result["rows"][:2], result["rows"][2:]
+    # the two base passes every step is read against: open_clip's module and the engine's own forward
+    assert [(r["bank"], r["step"]) for r in bases] == [("-", "base"), ("-", "engine base")]
+    assert bases[0]["ratio_to_base"] == 1.0 and bases[1]["ratio_to_engine_base"] == 1.0
     assert [(r["bank"], r["step"]) for r in rows] == [(b, s) for b in ("dense", "lowrank")
                                                       for s in ("atlas", "vtvc K=1", "vtvc K=2")]
     fields = {"model", "layers", "tasks", "classes", "batch", "bank", "rank", "dtype", "step", "components", "step_s",
-              "ratio_to_atlas", "peak_mib", "task_vectors_mib", "learned_params"}
+              "ratio_to_atlas", "ratio_to_base", "ratio_to_engine_base", "peak_mib", "task_vectors_mib",
+              "learned_params"}
     for r in rows:
+        assert r["ratio_to_engine_base"] == pytest.approx(r["step_s"] / bases[1]["step_s"], rel=0.05)
         assert fields <= set(r)
         assert r["model"] == "tiny" and r["tasks"] == 8 and r["batch"] == 8
         assert r["classes"] == sum(TASK_CLASSES.values()) == 758
@@ -150,4 +155,4 @@ def test_addition_benchmark_rows_on_the_tiny_model(tmp_path, capsys):
     assert {"command", "device", "torch", "repeats", "warmup"} <= set(result["meta"])
     assert "| tiny | 2 | 8 | 758 | 8 | low-rank r = 16 | vtvc K=2 |" in printed
     assert cli_main(["bench", "addition", "--from_json", str(out)]) == 0
-    assert capsys.readouterr().out.count("| tiny |") == len(rows)
+    assert capsys.readouterr().out.count("| tiny |") == len(rows) + 2

@@ -95,3 +95,23 @@ def test_real_bank_truncation_is_composed_exactly(loaded_bank):
     for strategy in ("lowrank", "materialize", "linear"):
         got = composer.per_sample(images, lam, strategy=strategy)
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_shared_composition_applies_factors_when_rebuilding_costs_more():
+    """aTLAS's pass on a low-rank bank: at a small batch the factors are applied to the tokens (no dense
+    rebuild of U diag(λ) V), with the same features and gradients as the rebuilt weights."""
+    from vtvc_pyro.compose.engine import Composer
+
+    model, _, _, bank = random_bank(num_tasks=3)
+    composer = Composer(model.visual, truncate_bank(bank, rank=2), "block")
+    torch.manual_seed(0)
+    small, large = torch.rand(1, 3, 16, 16), torch.rand(64, 3, 16, 16)
+    assert "transformer.resblocks.0.attn.in_proj_weight" in composer._factored_for(small)
+    assert not composer._factored_for(large)  # 64 images: one dense rebuild is cheaper
+    for images in (small, large):
+        lam = torch.randn(3, composer.num_groups, requires_grad=True)
+        got = composer.shared(images, lam)
+        (grad,) = torch.autograd.grad(got.square().sum(), lam)
+        want = composer.rebuilt_shared(images, lam)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), lam)
+        assert torch.allclose(got, want, atol=1e-5) and torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-5)

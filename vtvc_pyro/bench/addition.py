@@ -14,9 +14,15 @@ as in :mod:`vtvc_pyro.bench.composition`) and batch size it times
   composed tower once per component and image) and its backward (the SVI step without the
   optimiser update).
 
+and, once per model and batch, the two base passes that a step's cost is read against: ``base``
+(open_clip's module with θ0, forward and backward to the input) and ``engine base`` (the same
+through the engine's functional forward, which is faster than open_clip's attention on CPU, so
+"× base" alone would flatter every engine step).
+
 Each row reports the median of ``--repeats`` steps after ``--warmup`` untimed ones, its ratio to
-the aTLAS step of the same bank and batch, and the peak memory growth during the timed steps
-(:class:`~vtvc_pyro.bench.composition.PeakMemory`; weights and task vectors are resident before).
+the aTLAS step of the same bank and batch and to both base passes, and the peak memory growth
+during the timed steps (:class:`~vtvc_pyro.bench.composition.PeakMemory`; weights and task vectors
+are resident before).
 
 Usage::
 
@@ -39,7 +45,7 @@ from ..compose.engine import Composer
 from ..compose.heads import TaskHeads, class_logits
 from ..errors import ConfigError
 from ..io import write_json
-from .composition import PeakMemory, build_visual, machine, measure, random_banks
+from .composition import PeakMemory, build_visual, machine, measure, passes, random_banks
 
 TASK_CLASSES = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10,
                 "DTD": 47}
@@ -112,6 +118,11 @@ def bench(args) -> dict:
         heads = task_heads(args.tasks, dim, device)
         for batch in args.batch:
             data = addition_batch(heads, batch, size, dim, device)
+            bases = {}
+            for name, strategy in (("base", "base"), ("engine base", "functional")):
+                _, fwd_bwd, _ = passes(strategy, visual, None, None, data["images"], args.tasks)
+                bases[name], peak = measure(fwd_bwd, device, args.repeats, args.warmup, memory, reduce=statistics.median)
+                rows.append(_row(args, model, visual, heads, batch, "-", None, name, None, bases[name], None, bases, peak, 0))
             for kind in args.banks:
                 bank = low_all if kind == "lowrank" else dense_all
                 composer = Composer(visual, bank, "block")
@@ -121,42 +132,59 @@ def bench(args) -> dict:
                     step, learned = atlas_step(composer, heads, data) if k is None else vtvc_step(composer, heads, data, k)
                     seconds, peak = measure(step, device, args.repeats, args.warmup, memory, reduce=statistics.median)
                     atlas = atlas or seconds
-                    row = {
-                        "model": model, "layers": len(visual.transformer.resblocks), "tasks": args.tasks,
-                        "classes": heads.weight.shape[0], "batch": batch, "bank": kind,
-                        "rank": args.rank if kind == "lowrank" else None, "dtype": args.dtype, "step": name,
-                        "components": k, "step_s": round(seconds, 4), "ratio_to_atlas": round(seconds / atlas, 2),
-                        "peak_mib": None if peak is None else round(peak, 1),
-                        "task_vectors_mib": round(bank.storage_bytes() / 2**20, 1), "learned_params": learned,
-                    }
-                    rows.append(row)
-                    if not args.quiet:
-                        print(format_row(row), flush=True)
+                    rows.append(_row(args, model, visual, heads, batch, kind, bank, name, k, seconds, atlas, bases, peak,
+                                     learned))
                 del composer
+            if not args.quiet:
+                for row in rows[-(2 + len(args.banks) * len(steps)):]:
+                    print(format_row(row), flush=True)
         del dense_all, low_all
     return {"meta": environment(args), "rows": rows}
 
 
+def _row(args, model: str, visual, heads: TaskHeads, batch: int, kind: str, bank, step: str, k: int | None,
+         seconds: float, atlas: float | None, bases: dict[str, float], peak: float | None, learned: int) -> dict:
+    """One row: a step (or a base pass: ``bank`` ``-``) and its ratios to aTLAS and to both base passes."""
+    def ratio(ref):
+        return None if ref is None else round(seconds / ref, 2)
+    return {
+        "model": model, "layers": len(visual.transformer.resblocks), "tasks": args.tasks,
+        "classes": heads.weight.shape[0], "batch": batch, "bank": kind,
+        "rank": args.rank if kind == "lowrank" else None, "dtype": args.dtype, "step": step,
+        "components": k, "step_s": round(seconds, 4), "ratio_to_atlas": ratio(atlas),
+        "ratio_to_base": ratio(bases.get("base")), "ratio_to_engine_base": ratio(bases.get("engine base")),
+        "peak_mib": None if peak is None else round(peak, 1),
+        "task_vectors_mib": 0.0 if bank is None else round(bank.storage_bytes() / 2**20, 1), "learned_params": learned,
+    }
+
+
 # ---------------------------------------------------------------- reporting
-HEADER = (f"{'model':9s} {'L':>2s} {'T':>2s} {'C':>4s} {'B':>3s} {'bank':8s} {'step':9s} {'step s':>8s} "
-          f"{'×aTLAS':>6s} {'peak MiB':>9s} {'TV MiB':>7s}")
+HEADER = (f"{'model':9s} {'L':>2s} {'T':>2s} {'C':>4s} {'B':>3s} {'bank':8s} {'step':11s} {'step s':>8s} "
+          f"{'×aTLAS':>6s} {'×base':>6s} {'×engine':>7s} {'peak MiB':>9s} {'TV MiB':>7s}")
+
+
+def _fmt(value, spec: str, dash: str = "-") -> str:
+    return dash if value is None else format(value, spec)
 
 
 def format_row(r: dict) -> str:
-    peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
     return (f"{r['model']:9s} {r['layers']:2d} {r['tasks']:2d} {r['classes']:4d} {r['batch']:3d} {r['bank']:8s} "
-            f"{r['step']:9s} {r['step_s']:8.3f} {r['ratio_to_atlas']:6.2f} {peak:>9s} {r['task_vectors_mib']:7.0f}")
+            f"{r['step']:11s} {r['step_s']:8.3f} {_fmt(r['ratio_to_atlas'], '.2f'):>6s} "
+            f"{_fmt(r.get('ratio_to_base'), '.2f'):>6s} {_fmt(r.get('ratio_to_engine_base'), '.2f'):>7s} "
+            f"{_fmt(r['peak_mib'], '.0f'):>9s} {r['task_vectors_mib']:7.0f}")
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (for docs/benchmarks.md)."""
-    lines = ["| model | blocks | T | classes | batch | bank | step | s / step | × aTLAS | peak growth MiB | task vectors MiB |",
-             "|---|--:|--:|--:|--:|---|---|--:|--:|--:|--:|"]
+    lines = ["| model | blocks | T | classes | batch | bank | step | s / step | × aTLAS | × base (open_clip) | "
+             "× base (engine) | peak growth MiB | task vectors MiB |",
+             "|---|--:|--:|--:|--:|---|---|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        peak = "–" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        bank = f"low-rank r = {r['rank']}" if r["bank"] == "lowrank" else f"dense {r['dtype']}"
+        bank = {"lowrank": f"low-rank r = {r['rank']}", "-": "–"}.get(r["bank"], f"dense {r['dtype']}")
         lines.append(f"| {r['model']} | {r['layers']} | {r['tasks']} | {r['classes']} | {r['batch']} | {bank} | "
-                     f"{r['step']} | {r['step_s']:.3f} | {r['ratio_to_atlas']:.2f} | {peak} | {r['task_vectors_mib']:.0f} |")
+                     f"{r['step']} | {r['step_s']:.3f} | {_fmt(r['ratio_to_atlas'], '.2f', '–')} | "
+                     f"{_fmt(r.get('ratio_to_base'), '.2f', '–')} | {_fmt(r.get('ratio_to_engine_base'), '.2f', '–')} | "
+                     f"{_fmt(r['peak_mib'], '.0f', '–')} | {r['task_vectors_mib']:.0f} |")
     return "\n".join(lines)
 
 

@@ -255,8 +255,50 @@ class Composer(torch.nn.Module):
         return base + upd.reshape(*c.shape[:-1], *delta.shape[1:])
 
     def shared(self, images: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Batch-shared composition: ``images [M,3,H,W]``, ``lam [T,G]`` -> features ``[M,D]``."""
+        """Batch-shared composition: ``images [M,3,H,W]``, ``lam [T,G]`` -> features ``[M,D]``.
+
+        On a dense bank the composed weights go through open_clip's own module. On a low-rank bank a
+        weight matrix whose rebuild ``U diag(λ) V`` costs more than applying its factors to this
+        batch's tokens (``M·L·(in + out) < out·in``, e.g. ViT-B/32 at batch 4) is applied in
+        factored form, as the per-sample path does, instead of being rebuilt dense at every step.
+        """
+        factored = self._factored_for(images)
+        if not factored:
+            return self.rebuilt_shared(images, lam)
+        base = dict(self.visual.named_parameters())
+        params = dict(base)
+        for name in self.bank.blocks:
+            if name not in factored:
+                params[name] = self._compose_block(name, base[name], self.block_coefficients(lam, name))
+        dense = _batched_linear(params)
+
+        def linear(name: str, x: torch.Tensor, bias: str | None = None) -> torch.Tensor:
+            if name not in factored:
+                return dense(name, x, bias)
+            vcat, ucat, r = self._lowrank_layout(name)
+            c = self.block_coefficients(lam, name).to(torch.float32).expand(x.shape[0], -1)  # [M, T], one row shared
+            w0 = _linear_view(name, base[name], 0)
+            return _lowrank_linear(x, c, w0, vcat, ucat, r, None if bias is None else params[bias])
+
+        return vit_forward(self.visual, params, images, linear)
+
+    def rebuilt_shared(self, images: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """:meth:`shared` with every weight rebuilt dense, through open_clip's own module (the reference)."""
         return functional_call(self.visual, self.composed_params(lam), (images,), strict=False)
+
+    def _factored_for(self, images: torch.Tensor) -> set[str]:
+        """The factored weight matrices that are cheaper to apply as factors than to rebuild for a batch
+        of ``images``: ``M·L·T·r·(in + out)`` against ``T·r·out·in`` multiply-adds."""
+        patches = (images.shape[-1] // self.visual.conv1.kernel_size[0]) ** 2
+        out = set()
+        for name in self.matrices & set(self.bank.blocks):
+            if self.bank.block_factors(name) is None:
+                continue
+            tokens = images.shape[0] * {"conv1.weight": patches, "proj": 1}.get(name, patches + 1)
+            out_f, in_f = _linear_view(name, self.visual.get_parameter(name), 0).shape
+            if tokens * (in_f + out_f) < out_f * in_f:
+                out.add(name)
+        return out
 
     def per_sample(self, images: torch.Tensor, lam: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
         """Per-sample composition: ``images [M,3,H,W]``, ``lam [M,T,G]`` -> features ``[M,D]``.
@@ -319,7 +361,7 @@ class Composer(torch.nn.Module):
 
     def naive_per_sample(self, images: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Reference: compose and run each sample alone through open_clip's module (slow; tests only)."""
-        return torch.cat([self.shared(images[i : i + 1], lam[i]) for i in range(len(images))])
+        return torch.cat([self.rebuilt_shared(images[i : i + 1], lam[i]) for i in range(len(images))])
 
 
 # ---------------------------------------------------------------- the three per-sample strategies
