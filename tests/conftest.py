@@ -71,6 +71,11 @@ def _root_logger_kept():
         yield
 
 
+def vtvc_names(metrics: dict) -> set[str]:
+    """VTVC's two predictions in a run's ``metrics.json``: ``vtvc`` (chosen on val) and the other one."""
+    return {"vtvc", {"mean": "vtvc_mc", "mc": "vtvc_mean"}[metrics["prediction"]["vtvc"]]}
+
+
 def run_inline(*args, script="svi_fit.py"):
     """Run ``scripts/<script>`` in this interpreter, as ``python scripts/<script> ARGS`` would (same
     argument parsing, errors and exit status) without a new interpreter's ~6 s of imports.

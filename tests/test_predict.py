@@ -1,13 +1,16 @@
 """The predictor (issue 16): a fitted run applied to new images, in Python and as `vtvc predict`."""
 
 import csv
+import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from vtvc_pyro.data.specs import load_dataset, load_image_files
+from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.protocols.predict import Predictor
 
 from .conftest import run_inline
@@ -22,7 +25,24 @@ def test_predictor_reproduces_the_runs_own_test_predictive(short_run):
     assert torch.allclose(result.probs, saved["vtvc"], atol=1e-5)
     assert torch.equal(result.labels, saved["labels"])
     assert result.lam.shape == (397, 11) and ((result.inclusion >= 0) & (result.inclusion <= 1)).all()
-    assert (result.mutual_information >= -1e-6).all() and (result.entropy >= result.mutual_information - 1e-6).all()
+    assert (result.mutual_information >= -1e-6).all()
+    # both of VTVC's predictions, whichever the run reports as `vtvc`; the one pass needs no draws
+    chosen = json.loads((out / "metrics.json").read_text())["prediction"]["vtvc"]
+    assert predictor.prediction == chosen
+    names = {"mean": "vtvc_mean", "mc": "vtvc_mc"}
+    for kind, name in names.items():
+        predictor.prediction = kind
+        probs = predictor.predict("mixed", split="test").probs
+        assert torch.allclose(probs, saved["vtvc" if kind == chosen else name], atol=1e-5), kind
+    mc = predictor.predict("mixed", split="test")  # the Monte Carlo predictive's entropy holds its epistemic part
+    assert (mc.entropy >= mc.mutual_information - 1e-6).all()
+    predictor.prediction = "mean"
+    one_pass = predictor.predict("mixed", split="test", num_samples=0)
+    assert torch.allclose(one_pass.probs, saved["vtvc" if chosen == "mean" else "vtvc_mean"], atol=1e-5)
+    assert one_pass.mutual_information.isnan().all() and one_pass.inclusion.isnan().all()
+    predictor.prediction = "mc"
+    with pytest.raises(ConfigError, match="needs posterior draws"):
+        predictor.predict("mixed", split="test", num_samples=0)
 
 
 def test_vtvc_predict_writes_a_csv_for_an_image_folder(short_run, tmp_path):

@@ -590,7 +590,7 @@ class PredictCommand(_Overwrite):
         data: imagefolder:PATH (any folder of images, read recursively) or a data set spec (its --split).
         split: split of a data set spec (ignored for imagefolder:).
         task: task-addition runs: the task whose classes to predict.
-        num_samples: posterior draws (default: the run's eval_samples).
+        num_samples: posterior draws for the uncertainty columns (default: the run's eval_samples; 0: none, one composed pass per image where the run reports the one-pass prediction).
         device: cpu, cuda[:N] or auto.
         out: output CSV file.
     """

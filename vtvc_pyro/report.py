@@ -24,7 +24,8 @@ from .run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-BASELINE_ORDER = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "vtvc_mean", "vtvc")  # plotted methods
+BASELINE_ORDER = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", "router", "flat_twin", "vtvc_mc",
+                  "vtvc_mean", "vtvc")  # plotted methods
 
 
 def load_run(run_dir: str | Path):

@@ -181,7 +181,8 @@ def metrics_table(metrics: dict) -> list[str]:
     ``methods[m]["average"]``, ``["per_task"]`` and ``["normalized_average"]``.
     """
     methods = metrics.get("methods") or {}
-    order = [m for m in ("vtvc", "vtvc_mean") if m in methods] + [m for m in methods if m not in ("vtvc", "vtvc_mean")]
+    own = ("vtvc", "vtvc_mean", "vtvc_mc")
+    order = [m for m in own if m in methods] + [m for m in methods if m not in own]
     addition = metrics.get("protocol") == "addition" or any("average" in m for m in methods.values())
     if addition:
         tasks = list(metrics.get("tasks") or next((list(m["per_task"]) for m in methods.values() if "per_task" in m), []))
@@ -240,8 +241,9 @@ def model_card(info: dict) -> str:
         protocol = info.get("protocol") or info["metrics"].get("protocol", "transfer")
         protocol += f", target `{target}`" if target else ""
         lines += [f"The run{run} ({protocol}) on the "
-                  "test split. `vtvc` averages predictions over posterior draws of per-image λ and `vtvc_mean` uses "
-                  "each image's posterior mean; neither is this export, which uses one λ̄ for all images.", ""]
+                  "test split. `vtvc` is the run's prediction chosen on val: `vtvc_mean` uses each image's gated "
+                  "posterior mean λ (one composed pass) and `vtvc_mc` averages predictions over posterior draws of "
+                  "it; neither is this export, which uses one λ̄ for all images.", ""]
         lines += metrics_table(info["metrics"])
         lines.append("")
     else:

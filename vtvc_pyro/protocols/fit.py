@@ -73,6 +73,7 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
     methods = {**baselines.probs, **vtvc.methods}
     vtvc_seconds = time.time() - svi_start
     metrics = protocol.metrics(cfg, target, methods, baselines, vtvc)
+    metrics["prediction"] = vtvc.prediction  # which prediction `vtvc` is (chosen on val)
     metrics["splits"] = {split: len(target.data[split]) for split in SPLITS}  # after --shots: what was learned from
     folder.write_metrics(metrics)  # no timings here: same seed and device, same file
     timing = {"svi_seconds": round(vtvc.result.seconds, 2),

@@ -7,22 +7,26 @@ Usage::
     out.to_csv("predictions.csv")
 
 Every image gets its own posterior over the composition (the amortized guide reads its base
-features), so the result is the Monte Carlo predictive of the run, with its predictive entropy and
-its epistemic part (the mutual information between the label and the composition), and per task
-vector the posterior mean coefficient and inclusion probability of the image.
+features). The probabilities are the run's reported prediction, ``vtvc``: one composed pass at the
+gated posterior mean or the Monte Carlo predictive, whichever had the lower val NLL in the fit
+(``metrics.json`` → ``prediction``). Beside them: the predictive entropy, and from posterior draws
+its epistemic part (the mutual information between the label and the composition) and per task
+vector the image's posterior mean coefficient and inclusion probability. ``num_samples=0`` skips the
+draws (one pass per image; the columns that need draws are NaN, λ is the gated mean's).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import backbone
-from ..bayes.predictive import sample_draws
+from ..bayes.predictive import mean_probs, sample_draws
 from ..compose.engine import Composer
 from ..data.benchmarks import clip_preprocess
 from ..data.specs import load_dataset, load_image_files, suite_transform
@@ -40,7 +44,7 @@ class Predictions:
 
     Attributes:
         names: ``N`` image names (paths under the folder, or ``"<spec>/<split>/<index>"``).
-        probs: ``[N, C]`` the Monte Carlo predictive.
+        probs: ``[N, C]`` the run's reported prediction (see the module docstring).
         entropy, mutual_information: ``[N]`` in nats (total and epistemic uncertainty).
         lam, inclusion: ``[N, T]`` posterior mean λ (mean over blocks) and inclusion probability per task vector.
         labels: ``[N]`` true labels where the data set has them, else ``None``.
@@ -91,13 +95,16 @@ class Predictor:
         transform: PIL image -> ``[3, H, W]``, the input transform of the run's backbone.
         class_names, tasks: what the columns of the probabilities and of λ are.
         num_samples, temperature: the run's predictive (``eval_samples``, ``svi.eval_temperature``).
+        prediction: ``mean`` (one pass at the gated posterior mean) or ``mc`` (the Monte Carlo
+            predictive): which one the run reports as ``vtvc``.
     """
 
     def __init__(self, model, guide, feature_model, transform, class_names, tasks, num_samples: int = 20,
-                 temperature: float = 0.01, data_seed: int = 0):
+                 temperature: float = 0.01, data_seed: int = 0, prediction: str = "mc"):
         self.model, self.guide, self.feature_model, self.transform = model, guide, feature_model, transform
         self.class_names, self.tasks = list(class_names), list(tasks)
         self.num_samples, self.temperature, self.data_seed = num_samples, temperature, data_seed
+        self.prediction = prediction
 
     @classmethod
     def from_run(cls, run_dir: str | Path, task: str | None = None, device: str = "cpu") -> Predictor:
@@ -126,8 +133,10 @@ class Predictor:
         guide = load_guide_from_run(run_dir, composer, target.head, feature_dim).to(dev)
         model, _ = build_vtvc(cfg, composer, head, feature_dim, guide.components if hasattr(guide, "components") else 1)
         transform = suite_transform() if bank.arch == backbone.TINY_MODEL else clip_preprocess(bank.model)
+        metrics = RunFolder(run_dir).read_metrics_if_any() or {}
+        prediction = metrics.get("prediction", {}).get("vtvc", "mc")  # runs before the choice reported the MC predictive
         return cls(model.to(dev), guide, bank.model, transform, class_names, tasks, cfg.eval_samples,
-                   cfg.svi.eval_temperature, target.data_seed)
+                   cfg.svi.eval_temperature, target.data_seed, prediction)
 
     def load(self, data: str | torch.Tensor, split: str = "test") -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         """``(images [N, 3, H, W], names, labels or None)`` of a tensor, ``imagefolder:PATH`` (any
@@ -146,17 +155,27 @@ class Predictor:
     @torch.no_grad()
     def predict(self, data: str | torch.Tensor, num_samples: int | None = None, split: str = "test",
                 seed: int = 0) -> Predictions:
-        """The run's Monte Carlo predictive on ``data`` (see :meth:`load`), ``num_samples`` posterior
-        draws (default: the run's ``eval_samples``)."""
+        """The run's reported prediction on ``data`` (see :meth:`load`) with ``num_samples`` posterior
+        draws for the uncertainty columns (default: the run's ``eval_samples``; 0: none, one pass
+        per image, for a run that reports the one-pass prediction)."""
         images, names, labels = self.load(data, split)
         device = self.model.head.device
         images = images.to(device)
         features = backbone.image_features(self.feature_model, images)
-        probs_s, local, _ = sample_draws(self.model, self.guide, images, features, num_samples or self.num_samples,
-                                         self.temperature, generator_seed=seed)
-        probs = probs_s.mean(0)
-        return Predictions(
-            names, self.class_names, self.tasks, probs.cpu(), predictive_entropy(probs).cpu(),
-            mutual_information(probs_s).cpu(), local["lam"].mean((0, 3)).cpu(),
-            local["inclusion"].float().mean((0, 3)).cpu(), None if labels is None else labels.cpu(),
-        )
+        num_samples = self.num_samples if num_samples is None else num_samples
+        if num_samples < 1 and self.prediction == "mc":
+            raise ConfigError("this run reports the Monte Carlo predictive, which needs posterior draws: "
+                              "pass --num_samples 1 or more")
+        n, t = len(images), len(self.tasks)
+        if self.prediction == "mean":
+            probs = mean_probs(self.model, self.guide, images, features)
+            lam, inclusion, mi = self.guide.mean_coefficients(features).mean(-1), torch.full((n, t), math.nan), None
+        if num_samples > 0:
+            probs_s, local, _ = sample_draws(self.model, self.guide, images, features, num_samples, self.temperature,
+                                             generator_seed=seed)
+            mi, inclusion = mutual_information(probs_s), local["inclusion"].float().mean((0, 3))
+            if self.prediction == "mc":
+                probs, lam = probs_s.mean(0), local["lam"].mean((0, 3))
+        mi = torch.full((n,), math.nan) if mi is None else mi
+        return Predictions(names, self.class_names, self.tasks, probs.cpu(), predictive_entropy(probs).cpu(), mi.cpu(),
+                           lam.cpu(), inclusion.cpu(), None if labels is None else labels.cpu())
