@@ -10,7 +10,7 @@ from vtvc_pyro.report import layer_inclusion, summarize
 from .conftest import ROOT, run_inline
 
 FIGURES = ("elbo", "inclusion_heatmap", "lambda_forest", "sample_profiles", "reliability", "accuracy_coverage",
-           "uncertainty_vs_error")
+           "uncertainty_vs_error", "class_frequencies")
 
 
 def test_netcdf_round_trip_and_arviz_tools(short_run, tmp_path):
@@ -43,6 +43,8 @@ def test_summaries_are_consistent(short_run):
     assert (mcse[sd > 0] < sd[sd > 0]).all() and (mcse > 0).any()
     assert all(x >= -1e-9 for x in summary["per_sample"]["mutual_information"])
     assert 0 <= summary["kept_fraction"] <= 1
+    lpd = summary["heldout_log_predictive_density"]
+    assert lpd["n"] == idata.posterior.sizes["image"] and lpd["elpd"] < 0 and lpd["se"] > 0
 
 
 def test_report_script_rebuilds_figures(short_run):

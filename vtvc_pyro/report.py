@@ -16,7 +16,7 @@ from matplotlib.figure import (
 )
 
 from .compose.engine import block_groups
-from .diagnostics import az, inclusion_summary
+from .diagnostics import az, class_frequency_check, heldout_log_predictive_density, inclusion_summary
 from .errors import ConfigError
 from .evaluate import accuracy_coverage, mutual_information, predictive_entropy
 from .io import atomic_write
@@ -90,8 +90,12 @@ def summarize(idata, hdi_prob: float = 0.9) -> dict:
         "mutual_information": mutual_information(sample_probs).tolist(),
         "correct": (probs.argmax(-1) == labels).tolist(),
     }
+    check = class_frequency_check(idata)
     return {"draws": draws, "hdi_prob": hdi_prob, "per_task": per_task, "per_block": per_block,
-            "per_sample": per_sample, "kept_fraction": float((post["inclusion"] > 0).mean())}
+            "per_sample": per_sample, "kept_fraction": float((post["inclusion"] > 0).mean()),
+            "heldout_log_predictive_density": heldout_log_predictive_density(idata),
+            "class_frequency_check": {"classes_outside_90": [str(c) for c in check["class"].values[check["outside"].values]],
+                                      "num_classes": int(check.sizes["class"])}}
 
 
 # ---------------------------------------------------------------- figures
@@ -117,6 +121,26 @@ def plot_elbo(idata, path: Path) -> Path:
         ax.plot(np.arange(window, len(elbo) + 1), smooth, lw=1.8, label=f"moving mean ({window} steps)")
     ax.set(xlabel="SVI step", ylabel="ELBO estimate (mini-batch, scaled to the data set)", title="ELBO trace")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_class_frequencies(idata, path: Path) -> Path:
+    """The categorical predictive check: observed class counts of the saved test images against the
+    counts the posterior predictive draws (mean and 90 % interval)."""
+    check = class_frequency_check(idata)
+    names = [str(c) for c in check["class"].values]
+    x = np.arange(len(names))
+    fig, ax = new_figure(figsize=(max(5.0, 0.45 * len(names) + 2), 3.8))
+    predicted = check["predicted"].values
+    err = np.stack([predicted - check["low"].values, check["high"].values - predicted])
+    ax.bar(x, predicted, width=0.6, color="tab:blue", alpha=0.5, yerr=err, capsize=3,
+           label="drawn from the predictive (mean, 90 % interval)")
+    ax.plot(x, check["observed"].values, "o", color="black", label="observed")
+    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    lpd = heldout_log_predictive_density(idata)
+    ax.set(ylabel="images", title=f"Class frequencies of {lpd['n']} held-out images; "
+                                  f"log predictive density {lpd['elpd']:.1f} ± {lpd['se']:.1f}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return save_figure(fig, path)
 
 
@@ -289,6 +313,7 @@ def build_report(run_dir: str | Path) -> dict:
         plot_reliability(predictions, folder.figure("reliability")),
         plot_accuracy_coverage(predictions, folder.figure("accuracy_coverage")),
         plot_uncertainty_vs_error(summary, folder.figure("uncertainty_vs_error")),
+        plot_class_frequencies(idata, folder.figure("class_frequencies")),
     ]
     if metrics.get("routing"):
         summary["routing_accuracy"] = {name: r["routing_accuracy"] for name, r in metrics["routing"].items()}
