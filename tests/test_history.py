@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import io
+import json
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from vtvc_pyro.bayes.history import COLUMNS, History, elbo_split
 from vtvc_pyro.bayes.priors import make_prior
 from vtvc_pyro.bayes.registry import make_vtvc
 from vtvc_pyro.config import FitConfig, SVIConfig
+from vtvc_pyro.diagnostics import az
 from vtvc_pyro.errors import ConfigError, FitInterrupted
 
 from .conftest import run_inline
@@ -134,12 +136,17 @@ def test_elbo_split_is_the_trace_elbo_draw_split_at_the_likelihood(problem):
     assert kl == pytest.approx(log_likelihood - elbo) and log_likelihood < 0
 
 
-def test_a_run_writes_the_history_of_every_candidate(short_run):
+def test_a_run_writes_the_history_of_every_candidate_and_history_csv_is_the_chosen_ones(short_run):
     run, _ = short_run
-    for name in ("history.csv", "history-k4.csv"):  # components [1, 4]: named like the checkpoints
+    for name in ("history-k1.csv", "history-k4.csv"):  # components [1, 4]: named after K
         rows = read(run / name)
         assert [int(r["step"]) for r in rows] == list(range(1, 31))
         assert [int(r["step"]) for r in rows if r["val_nll"]] == [15, 30]
+    chosen = json.loads((run / "metrics.json").read_text())["svi"]["components"]
+    assert (run / "history.csv").read_text() == (run / f"history-k{chosen}.csv").read_text()
+    # its ELBO column is the chosen fit's own trace, as the posterior stores it
+    trace = az.from_netcdf(run / "posterior.nc").svi_trace["elbo"].values
+    assert [float(r["elbo"]) for r in read(run / "history.csv")] == pytest.approx(trace.tolist(), rel=1e-5)
 
 
 def test_off_a_terminal_progress_is_a_few_plain_lines(capsys):

@@ -204,7 +204,7 @@ def test_few_shot_fit_learns_from_k_images_per_class_and_pairs_every_method(bank
         expected = metrics["methods"][name]["accuracy"] - metrics["methods"]["vtvc"]["accuracy"]
         assert paired["difference"] == pytest.approx(expected, abs=1e-12)
         assert paired["interval95"][0] <= paired["difference"] <= paired["interval95"][1]
-    assert "acc - vtvc, paired 95%" in proc.stdout
+    assert "acc - vtvc, points, paired 95%" in proc.stdout
     budget = {"fits": 2, "steps": 4, "batch_size": 16}
     assert metrics["svi"]["budget"] == metrics["baselines"]["router"]["budget"] == budget
     assert metrics["baselines"]["atlas"]["budget"] == budget
@@ -216,3 +216,16 @@ def test_few_shot_fit_learns_from_k_images_per_class_and_pairs_every_method(bank
     assert bad.returncode == 2 and "shots must be a positive number" in bad.stderr
     bad = run_inline("--bank", str(bank_path), "--lr_factors", "[1,1]", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "lr_factors must be distinct positive numbers" in bad.stderr
+
+
+def test_run_notes_say_what_was_chosen_and_warn_when_the_best_step_is_the_last():
+    from vtvc_pyro.protocols.fit import LEGEND, run_notes
+
+    metrics = {"svi": {"components": 4, "lr_factor": 2.0, "best_step": 600, "budget": {"fits": 6, "steps": 600}},
+               "prediction": {"vtvc": "mean", "val_nll": {"mean": 0.8, "mc": 0.9}}}
+    notes = run_notes(metrics)
+    assert notes[0].startswith("VTVC chose K = 4, learning rates × 2 (6 fits") and "one pass" in notes[0]
+    assert notes[1].startswith("warning: VTVC's best val score came at its last step (600)")
+    metrics["svi"]["best_step"] = 400
+    assert not any(n.startswith("warning") for n in run_notes(metrics))
+    assert run_notes(metrics)[-1] == LEGEND and "TS: after temperature scaling" in LEGEND

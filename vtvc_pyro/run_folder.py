@@ -63,6 +63,7 @@ class RunFolder:
     PREDICTIONS = "predictions.safetensors"
     POSTERIOR = "posterior.nc"
     GUIDE = "guide.safetensors"
+    HISTORY = "history.csv"
     SUMMARY = "summary.json"
     FIGURES = "figures"
 
@@ -109,15 +110,19 @@ class RunFolder:
         """``figures/NAME.png``."""
         return self.figures / f"{name}.png"
 
+    @property
+    def history(self) -> Path:
+        """``history.csv``: the chosen candidate's SVI history, copied there once the choice is made."""
+        return self.path / self.HISTORY
+
     def candidate(self, index: int, components: int, lr_factor: float = 1.0) -> CandidateFiles:
         """The files of the ``index``-th candidate, with ``components`` compositions and learning
-        rates × ``lr_factor``: the first owns the plain names (``checkpoint.safetensors``,
-        ``history.csv``, ``tensorboard/``), the others sit beside them named after K (and the
-        factor when it is not 1: ``checkpoint-k4-lrx2.safetensors``)."""
-        name = "" if index == 0 else f"k{components}" + ("" if lr_factor == 1 else f"-lrx{lr_factor:g}")
-        suffix = name and f"-{name}"
-        return CandidateFiles(self.path / f"checkpoint{suffix}.safetensors", self.path / f"history{suffix}.csv",
-                              self.path / "tensorboard" / name)
+        rates × ``lr_factor``, named after them (``history-k4.csv``, ``tensorboard/k4``; the
+        factor when it is not 1: ``history-k4-lrx2.csv``). Checkpoints likewise, except that the
+        first candidate's is ``checkpoint.safetensors`` (what ``--resume`` looks for first)."""
+        name = f"k{components}" + ("" if lr_factor == 1 else f"-lrx{lr_factor:g}")
+        checkpoint = "checkpoint.safetensors" if index == 0 else f"checkpoint-{name}.safetensors"
+        return CandidateFiles(self.path / checkpoint, self.path / f"history-{name}.csv", self.path / "tensorboard" / name)
 
     def checkpoints(self) -> list[Path]:
         """Every candidate's checkpoint on disk, in name order."""
@@ -192,6 +197,13 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(exist_ok=True)
         return self
+
+    def write_chosen_history(self, chosen: CandidateFiles) -> Path | None:
+        """Copy the chosen candidate's history to ``history.csv`` (atomically); ``None`` when it wrote none."""
+        if not chosen.history.is_file():
+            return None
+        text = chosen.history.read_text()
+        return atomic_write(self.history, lambda tmp: tmp.write_text(text))
 
     def write_config(self, settings: dict, record: dict) -> Path:
         """The settings at the top level (``vtvc fit --config config.json`` replays them); what the run

@@ -29,7 +29,7 @@ def fit(opts: config.FitCommand) -> None:
     if opts.list_priors or opts.list_guides or opts.list_baselines:
         return _list_registries(opts)
     from .. import distributed
-    from ..protocols.fit import default_out, format_table, plan_fit, run_fit
+    from ..protocols.fit import default_out, format_table, plan_fit, run_fit, run_notes
     from ..report import build_report
 
     cfg = config.settings_of(opts, config.FitConfig)
@@ -41,6 +41,7 @@ def fit(opts: config.FitCommand) -> None:
     if not distributed.is_main():  # under torchrun only rank 0 reports and writes
         return
     print(format_table(metrics))
+    print("\n".join(run_notes(metrics)))
     print(f"SVI: {metrics['timing']['svi_samples_per_second']} samples/s, best val step {metrics['svi']['best_step']}; "
           f"total {metrics['timing']['total_seconds']} s")
     summary = build_report(out)

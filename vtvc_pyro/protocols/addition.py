@@ -45,6 +45,7 @@ from .fitting import (
     open_bank,
     paired_against,
     paired_cell,
+    percent,
     run_baselines,
     run_router,
 )
@@ -230,14 +231,14 @@ def format_addition(metrics: dict) -> str:
     paired difference of the average accuracy against VTVC with its 95 % interval)."""
     sizes = metrics["num_test"]
     rows = [f"task addition: {len(metrics['tasks'])} tasks, {sum(sizes.values())} test images",
-            f"{'method':18s} {'avg acc':>8s} {'norm avg':>9s} {'nll':>8s} {'ece':>8s} {'routing':>8s} "
-            f"{'avg acc - vtvc, paired 95%':>28s}"]
+            f"{'method':18s} {'avg acc %':>9s} {'norm %':>7s} {'NLL':>7s} {'ECE %':>6s} {'routing %':>9s} "
+            f"{'avg acc - vtvc, points, paired 95%':>35s}"]
+    own = metrics.get("routing", {})
     for name, m in metrics["methods"].items():
-        routing = metrics.get("routing", {}).get(name, metrics.get("routing", {}).get(name.removesuffix("_mean"), {}))
-        norm = m.get("normalized_average")
-        rows.append(f"{name:18s} {m['average']['accuracy']:8.4f} {norm if norm is not None else math.nan:9.4f} "
-                    f"{m['average']['nll']:8.4f} {m['average']['ece']:8.4f} "
-                    f"{routing.get('routing_accuracy', math.nan):8.4f} {paired_cell(m):>28s}")
+        routing = own.get(name, own.get("vtvc", {}) if name.startswith("vtvc") else {})  # one posterior, both predictions
+        rows.append(f"{name:18s} {percent(m['average']['accuracy']):9.1f} {percent(m.get('normalized_average')):7.1f} "
+                    f"{m['average']['nll']:7.3f} {percent(m['average']['ece']):6.1f} "
+                    f"{percent(routing.get('routing_accuracy')):9.1f} {paired_cell(m):>35s}")
     return "\n".join(rows)
 
 

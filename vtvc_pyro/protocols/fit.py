@@ -114,3 +114,27 @@ def plan_fit(cfg: FitConfig) -> dict:
 def format_table(metrics: dict) -> str:
     """A plain-text results table of a run's metrics (of any protocol)."""
     return protocol_for(metrics.get("protocol", "transfer")).format(metrics)
+
+
+LEGEND = ("acc: accuracy; NLL: negative log-likelihood per image (nats); ECE: expected calibration error "
+          "(15 bins); TS: after temperature scaling fitted on val; paired 95%: bootstrap over the same test images")
+
+
+def run_notes(metrics: dict) -> list[str]:
+    """The lines printed under a run's table: what VTVC chose on val, a warning when its best val
+    score came at its last step (the fit may still have been improving), and a legend."""
+    svi, lines = metrics.get("svi", {}), []
+    if "components" in svi:
+        choice = metrics.get("prediction", {})
+        kind = {"mean": "one pass at the gated posterior mean", "mc": "the Monte Carlo predictive"}.get(choice.get("vtvc"))
+        line = (f"VTVC chose K = {svi['components']}, learning rates × {svi.get('lr_factor', 1):g} "
+                f"({svi.get('budget', {}).get('fits', 1)} fits, lowest val NLL)")
+        if kind:
+            nll = choice["val_nll"]
+            line += f"; vtvc is {kind} (val NLL {nll['mean']:.3f} one pass, {nll['mc']:.3f} Monte Carlo)"
+        lines.append(line)
+    steps = svi.get("budget", {}).get("steps")
+    if steps and svi.get("best_step") == steps:
+        lines.append(f"warning: VTVC's best val score came at its last step ({steps}): the fit may not have converged; "
+                     "try more --svi.steps")
+    return [*lines, LEGEND]

@@ -359,10 +359,12 @@ def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, pr
     its predictive on val and test."""
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     settings = [(k, f) for k in candidate_components(cfg) for f in cfg.lr_factors]
-    candidates = {(k, f): fit_candidate(cfg, target, composer, k, folder.candidate(i, k, f), resume, progress, f)
-                  for i, (k, f) in enumerate(settings)}
+    files = {key: folder.candidate(i, *key) for i, key in enumerate(settings)}
+    candidates = {(k, f): fit_candidate(cfg, target, composer, k, files[(k, f)], resume, progress, f)
+                  for k, f in settings}
     chosen = min(candidates, key=lambda key: candidates[key].result.best_val_nll)
     best = candidates[chosen]
+    folder.write_chosen_history(files[chosen])
     folder.write_guide(best.guide.state_dict(), {"best_step": str(best.result.best_step), "components": str(chosen[0]),
                                                  "lr_factor": f"{chosen[1]:g}"})
     methods, draws, choice = predict_vtvc(cfg, best.model, best.guide, target, progress)
@@ -459,12 +461,18 @@ def paired_against(methods: dict[str, dict], labels: torch.Tensor, reference: st
 
 
 def paired_cell(method_metrics: dict) -> str:
-    """``+0.012 [-0.004, +0.030]``: a method's paired accuracy difference against VTVC, or ``-`` without one."""
+    """``+1.2 [-0.4, +3.0]``: a method's paired accuracy difference against VTVC in percentage points,
+    or ``-`` without one."""
     paired = method_metrics.get("paired_vs_vtvc", {}).get("accuracy")
     if not paired:
         return "-"
-    lo, hi = paired["interval95"]
-    return f"{paired['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    lo, hi = (100 * x for x in paired["interval95"])
+    return f"{100 * paired['difference']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def percent(x: float | None) -> float:
+    """A fraction as percent (NaN for ``None``), for the console tables."""
+    return math.nan if x is None else 100 * x
 
 
 def _selection(inclusion: torch.Tensor, lam: torch.Tensor, target: Target) -> dict | None:

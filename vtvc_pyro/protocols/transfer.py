@@ -33,6 +33,7 @@ from .fitting import (
     open_bank,
     paired_against,
     paired_cell,
+    percent,
     run_baselines,
     score_methods,
 )
@@ -73,14 +74,14 @@ def load_target(cfg: FitConfig, device: torch.device, progress: bool = False) ->
 def format_transfer(metrics: dict) -> str:
     """A plain-text table: methods x (accuracy, its interval, NLL, ECE, Brier, and after temperature scaling)."""
     rows = [f"target: {metrics['target']}  ({metrics['num_test']} test images, {len(metrics['tasks'])} task vectors)",
-            f"{'method':18s} {'accuracy':>9s} {'95% interval':>15s} {'nll':>8s} {'ece':>8s} {'brier':>8s} "
-            f"{'nll (TS)':>9s} {'ece (TS)':>9s} {'acc - vtvc, paired 95%':>24s}"]
+            f"{'method':18s} {'acc %':>6s} {'95% interval':>13s} {'NLL':>7s} {'ECE %':>6s} {'Brier':>6s} "
+            f"{'NLL TS':>7s} {'ECE TS %':>8s} {'acc - vtvc, points, paired 95%':>31s}"]
     for name, m in metrics["methods"].items():
         lo, hi = m.get("interval95", {}).get("accuracy", (math.nan, math.nan))
         ts = m.get("temperature_scaled", {})
-        rows.append(f"{name:18s} {m['accuracy']:9.4f} {f'[{lo:.3f}, {hi:.3f}]':>15s} {m['nll']:8.4f} {m['ece']:8.4f} "
-                    f"{m['brier']:8.4f} {ts.get('nll', math.nan):9.4f} {ts.get('ece', math.nan):9.4f} "
-                    f"{paired_cell(m):>24s}")
+        rows.append(f"{name:18s} {percent(m['accuracy']):6.1f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>13s} "
+                    f"{m['nll']:7.3f} {percent(m['ece']):6.1f} {m['brier']:6.3f} {ts.get('nll', math.nan):7.3f} "
+                    f"{percent(ts.get('ece')):8.1f} {paired_cell(m):>31s}")
     comp = metrics.get("composition", {})
     if comp:
         line = f"posterior inclusion {comp['mean_inclusion']:.3f} (sd across tasks {comp['inclusion_sd_across_tasks']:.3f})"
