@@ -76,6 +76,9 @@ def test_unknown_baseline_is_refused():
     with pytest.raises(ConfigError, match="unknown baseline 'soup'"):
         expand_names(["soup"])
     assert expand_names(["all"]) == [*BASELINES, "router", "flat_twin"] and expand_names(["ties", "all"])[0] == "ties"
+    # the default: what reading VTVC's result needs, with the deterministic twin of the model fitted
+    assert expand_names(FitConfig().baselines) == ["zeroshot", "finetuned", "task_arithmetic", "atlas", "router"]
+    assert expand_names(FitConfig().baselines, "flat")[-1] == "flat_twin"
 
 
 def test_flat_twin_is_the_flat_guide_trained_without_prior_or_noise(bank_path):

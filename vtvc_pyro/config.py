@@ -60,6 +60,13 @@ StorageDtype = Literal["float32", "bfloat16", "float16"]
 ALL_BASELINES = "all"
 """In a list of baselines: every registered baseline (``vtvc fit --list_baselines``)."""
 
+TWIN = "twin"
+"""In a list of baselines: VTVC's deterministic twin, the same network trained as a point estimate
+(``router`` for the hierarchical model, ``flat_twin`` for the flat one)."""
+
+DEFAULT_BASELINES = ("zeroshot", "finetuned", "task_arithmetic", "atlas", TWIN)
+"""What a fit runs beside VTVC unless told otherwise: what reading its result needs (``[all]``: every one)."""
+
 VTVC_VARIANTS = (
     # priors under the default guide
     *(f"vtvc/{p}/amortized_gated" for p in ("spike_slab", "spike_slab_continuous", "task_spike_slab", "gaussian",
@@ -165,7 +172,7 @@ class FitConfig:
         gate_logit_init: initial gate logit (null: the prior's inclusion logit).
         slab_logvar_init: initial slab log-variance.
         hidden: hidden width of the guide's heads (null: max(D // 4, T·G), the authors' rule).
-        baselines: baselines to run beside VTVC ([all]: every registered one; []: none).
+        baselines: baselines to run beside VTVC (default: zero-shot, the fine-tuned vector where the target has one, task arithmetic, aTLAS and VTVC's deterministic twin; twin: router for the hierarchical model, flat_twin for the flat one; [all]: every registered one; []: none).
         low_rank: compose rank-R truncated SVDs of the task vectors (0: full rank).
         eval_samples: posterior draws of the Monte Carlo predictive.
         posterior_samples: test images whose per-image posterior posterior.nc keeps.
@@ -197,7 +204,7 @@ class FitConfig:
     gate_logit_init: Optional[float] = 3.0
     slab_logvar_init: float = -4.0
     hidden: Optional[int] = None
-    baselines: list[str] = field(default_factory=lambda: [ALL_BASELINES])
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     low_rank: int = 0
     eval_samples: int = 20
     posterior_samples: int = 128

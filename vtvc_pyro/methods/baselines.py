@@ -18,7 +18,7 @@ import torch
 
 from ..bank.task_vectors import TaskVectorBank
 from ..compose.engine import Composer
-from ..config import ALL_BASELINES
+from ..config import ALL_BASELINES, TWIN
 from ..data.split import Split
 from ..errors import ConfigError
 from .learned import ATLAS_LR, tuned_adamerging, tuned_shared_coefficients
@@ -145,13 +145,16 @@ SEEDED_BASELINES = ("atlas", "adamerging", "router", "flat_twin")  # the others 
 KNOWN_BASELINES = (*BASELINES, *PROTOCOL_BASELINES)
 
 
-def expand_names(names: list[str]) -> list[str]:
-    """Baseline names with ``all`` replaced by every known one; unknown names are a clear error."""
+def expand_names(names: list[str], model: str = "hierarchical") -> list[str]:
+    """Baseline names with ``all`` replaced by every known one and ``twin`` by the ``model``'s
+    deterministic twin (``router`` or ``flat_twin``); unknown names are a clear error."""
     out = []
+    twin = "flat_twin" if model == "flat" else "router"
     for name in names:
-        for item in (KNOWN_BASELINES if name == ALL_BASELINES else [name]):
+        for item in (KNOWN_BASELINES if name == ALL_BASELINES else [twin if name == TWIN else name]):
             if item not in KNOWN_BASELINES:
-                raise ConfigError(f"unknown baseline {item!r}: choose from {', '.join(KNOWN_BASELINES)} (or all)")
+                raise ConfigError(f"unknown baseline {item!r}: choose from {', '.join(KNOWN_BASELINES)} "
+                                  f"(or all, or {TWIN}: VTVC's deterministic twin)")
             if item not in out:
                 out.append(item)
     return out

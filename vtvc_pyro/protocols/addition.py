@@ -263,7 +263,7 @@ class Addition(FitProtocol):
     def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> BaselineRun:
         """Each task's own fine-tuned model first (it normalizes the average: always computed), then the
         shared baselines, then the router with its routing diagnostics."""
-        names = baselines.expand_names(cfg.baselines)
+        names = baselines.expand_names(cfg.baselines, cfg.model)
         methods = {"finetuned": finetuned_probs(target)}
         shared, extra = run_baselines(cfg, target, [n for n in names if n not in ("finetuned", "router")], progress)
         methods.update(shared)

@@ -13,6 +13,7 @@ the command line and ``FitConfig.validate`` read it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -55,35 +56,48 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
     (:class:`~vtvc_pyro.run_folder.RunFolder`).
 
     Returns:
-        the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``).
+        the metrics dict (also in ``out/metrics.json``) plus ``timing`` (``out/timing.json``: every
+        phase's wall time, SVI's throughput).
     """
     cfg.validate()
     protocol = protocol_for(cfg.protocol)
     out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
     device = resolve_device(cfg.device)
-    start = time.time()
-    target = protocol.load(cfg, device, progress)
+    phases: dict[str, float] = {}
+    with timed(phases, "load_seconds"):  # the bank (built on first use), the data, the base features
+        target = protocol.load(cfg, device, progress)
     settings = json.loads(json.dumps(asdict(cfg)))  # JSON-normalised
     folder = RunFolder(out).prepare(settings, overwrite, resume)  # after every input is known to be usable
     if not resume:
         folder.write_config(settings, run_record(cfg, protocol, target, device))
-    baselines = protocol.run_baselines(cfg, target, progress)
-    svi_start = time.time()
-    vtvc = fit_vtvc(cfg, target, folder, resume, progress)
+    with timed(phases, "baselines_seconds"):
+        baselines = protocol.run_baselines(cfg, target, progress)
+    with timed(phases, "vtvc_seconds"):  # SVI of every candidate and both predictions
+        vtvc = fit_vtvc(cfg, target, folder, resume, progress)
     methods = {**baselines.probs, **vtvc.methods}
-    vtvc_seconds = time.time() - svi_start
     metrics = protocol.metrics(cfg, target, methods, baselines, vtvc)
     metrics["prediction"] = vtvc.prediction  # which prediction `vtvc` is (chosen on val)
     metrics["splits"] = {split: len(target.data[split]) for split in SPLITS}  # after --shots: what was learned from
     folder.write_metrics(metrics)  # no timings here: same seed and device, same file
+    with timed(phases, "outputs_seconds"):
+        folder.write_predictions(prediction_tensors(target, methods))
+        folder.write_posterior(posterior_data(cfg, target, vtvc))
     timing = {"svi_seconds": round(vtvc.result.seconds, 2),
               "svi_samples_per_second": round(vtvc.result.samples_per_second, 1),
-              "vtvc_seconds": round(vtvc_seconds, 2), "total_seconds": round(time.time() - start, 2)}
+              **phases, "total_seconds": round(sum(phases.values()), 2)}
     folder.write_timing(timing)
     metrics["timing"] = timing
-    folder.write_predictions(prediction_tensors(target, methods))
-    folder.write_posterior(posterior_data(cfg, target, vtvc))
     return metrics
+
+
+@contextlib.contextmanager
+def timed(phases: dict[str, float], name: str):
+    """Add the wall time of the ``with`` block to ``phases[name]`` (seconds, 2 decimals)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - start, 2)
 
 
 def plan_fit(cfg: FitConfig) -> dict:
@@ -98,7 +112,7 @@ def plan_fit(cfg: FitConfig) -> dict:
     make_prior(cfg.prior, **cfg.prior_args)  # unknown names and bad arguments fail here, as in a run
     plan = {"device": device_description(resolve_device(cfg.device)), "bank": str(cfg.bank),
             "protocol": protocol.name, "target": protocol.label(cfg), "model": cfg.model, "prior": cfg.prior,
-            "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines),
+            "guide": cfg.guide, "baselines": baselines.expand_names(cfg.baselines, cfg.model),
             "svi": f"{cfg.svi.steps} steps of batch {cfg.svi.batch_size}, seed {cfg.seed}"}
     if not (Path(cfg.bank) / "manifest.json").is_file():
         if Path(cfg.bank) != Path(DEFAULT_BANK):

@@ -50,6 +50,9 @@ SPLITS = ("train", "val", "test")
 def open_bank(cfg: FitConfig, progress: bool = False) -> LoadedBank:
     """The bank ``cfg`` names, streamed in its storage dtype; the embedded one is built when missing."""
     if Path(cfg.bank) == Path(DEFAULT_BANK) and not (Path(DEFAULT_BANK) / "manifest.json").is_file():
+        if progress:  # the first thing a new user sees: say what is built, where, that it is once, and how long
+            print(f"building the embedded bank once into {DEFAULT_BANK} (a tiny CLIP pretrained here and 11 task "
+                  "vectors; about 2-4 minutes on 2 CPU cores; later runs reuse it)", file=sys.stderr, flush=True)
         build_embedded_bank(DEFAULT_BANK, progress=progress)
     return load_bank(cfg.bank, dtype=None, stream=True)  # storage dtype (bf16 for imported banks), low peak memory
 

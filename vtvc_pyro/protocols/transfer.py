@@ -106,7 +106,7 @@ class Transfer(FitProtocol):
         return apply_shots(load_target(cfg, device, progress), cfg.shots, cfg.seed)
 
     def run_baselines(self, cfg: FitConfig, target: Target, progress: bool) -> BaselineRun:
-        return BaselineRun(*run_baselines(cfg, target, baselines.expand_names(cfg.baselines), progress))
+        return BaselineRun(*run_baselines(cfg, target, baselines.expand_names(cfg.baselines, cfg.model), progress))
 
     def metrics(self, cfg: FitConfig, target: Target, methods: dict, baselines: BaselineRun, vtvc: VTVCFit) -> dict:
         val_y, test_y = target.data["val"].labels, target.data["test"].labels
