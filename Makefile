@@ -7,8 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bank clean-venv
 
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu installs PyTorch's CPU build first (no CUDA libraries);
+# the pinned install then keeps it, as it meets the same version pins.
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet -c constraints.txt --index-url $(TORCH_INDEX) torch torchvision)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
