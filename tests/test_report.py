@@ -77,6 +77,8 @@ def test_notebook_executes_top_to_bottom_and_draws(short_run):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = {i: c.outputs for i, c in enumerate(nb.cells) if c.cell_type == "code"}
     assert not [o for out in outputs.values() for o in out if o.output_type == "error"]
+    warned = [o["text"] for out in outputs.values() for o in out if o.get("name") == "stderr" and "Warning" in o["text"]]
+    assert not warned, warned[:3]  # no warning floods (ArviZ's over tens of thousands of summary rows)
     assert any("target: mixed" in o.get("text", "") for out in outputs.values() for o in out)
     # every cell that draws shows its figure (a backend switched by the library would leave them blank)
     drawing = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "plt.show()" in c.source]

@@ -105,6 +105,11 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+def legend_outside(ax, **kwargs) -> None:
+    """The legend to the right of the axes, where it covers no data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small", **kwargs)
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """``fig`` as a PNG at ``path``, atomically."""
     fig.tight_layout()
@@ -113,14 +118,15 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 def plot_elbo(idata, path: Path) -> Path:
     elbo = idata.svi_trace["elbo"].values
-    fig, ax = new_figure(figsize=(6, 3.5))
+    fig, ax = new_figure(figsize=(7.5, 3.8))
     ax.plot(np.arange(1, len(elbo) + 1), elbo, lw=0.6, alpha=0.4, label="per step")
     window = max(1, len(elbo) // 30)
     if len(elbo) >= window:
         smooth = np.convolve(elbo, np.ones(window) / window, mode="valid")
         ax.plot(np.arange(window, len(elbo) + 1), smooth, lw=1.8, label=f"moving mean ({window} steps)")
-    ax.set(xlabel="SVI step", ylabel="ELBO estimate (mini-batch, scaled to the data set)", title="ELBO trace")
-    ax.legend()
+    ax.set(xlabel="SVI step", ylabel="ELBO (nats)", title="ELBO trace of the chosen candidate\n"
+           "(one mini-batch estimate per step, scaled to the data set)")
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -130,7 +136,7 @@ def plot_class_frequencies(idata, path: Path) -> Path:
     check = class_frequency_check(idata)
     names = [str(c) for c in check["class"].values]
     x = np.arange(len(names))
-    fig, ax = new_figure(figsize=(max(5.0, 0.45 * len(names) + 2), 3.8))
+    fig, ax = new_figure(figsize=(max(6.5, 0.45 * len(names) + 2), 4.4))
     predicted = check["predicted"].values
     err = np.stack([predicted - check["low"].values, check["high"].values - predicted])
     ax.bar(x, predicted, width=0.6, color="tab:blue", alpha=0.5, yerr=err, capsize=3,
@@ -138,9 +144,9 @@ def plot_class_frequencies(idata, path: Path) -> Path:
     ax.plot(x, check["observed"].values, "o", color="black", label="observed")
     ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
     lpd = heldout_log_predictive_density(idata)
-    ax.set(ylabel="images", title=f"Class frequencies of {lpd['n']} held-out images; "
+    ax.set(ylabel="images", title=f"Class frequencies of {lpd['n']} held-out test images\n"
                                   f"log predictive density {lpd['elpd']:.1f} ± {lpd['se']:.1f}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize="small")
     return save_figure(fig, path)
 
 
@@ -164,7 +170,7 @@ def plot_lambda_forest(idata, path: Path) -> Path:
     lam = idata.posterior["lam"].mean("block")  # (chain, draw, image, task)
     values = lam.stack(point=("chain", "draw", "image")).transpose("task", "point").values
     tasks = [str(t) for t in lam["task"].values]
-    fig, ax = new_figure(figsize=(6, 0.9 + 0.4 * len(tasks)))
+    fig, ax = new_figure(figsize=(7.2, 0.9 + 0.4 * len(tasks)))
     lo, q25, med, q75, hi = np.percentile(values, [5, 25, 50, 75, 95], axis=1)
     y = np.arange(len(tasks))[::-1]
     ax.hlines(y, lo, hi, lw=1.2, color="C0", label="5–95 %")
@@ -173,7 +179,7 @@ def plot_lambda_forest(idata, path: Path) -> Path:
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.set_yticks(y, tasks)
     ax.set(xlabel="λ (mean over blocks) across test samples and posterior draws", title="Coefficients per task vector")
-    ax.legend(loc="lower right", fontsize=7)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -200,7 +206,7 @@ def plot_sample_profiles(idata, path: Path, num: int = 4) -> Path:
         ax.set_title(f"test image {index} ({classes[labels[i]]})", fontsize=9)
     np.atleast_1d(axes)[0].set_yticks(range(len(tasks)), tasks)
     np.atleast_1d(axes)[0].invert_yaxis()
-    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    legend_outside(np.atleast_1d(axes)[-1])
     fig.suptitle("Per-sample composition (mean over blocks)")
     return save_figure(fig, path)
 
@@ -211,7 +217,7 @@ def _methods(predictions: dict) -> list[str]:
 
 def plot_reliability(predictions: dict, path: Path, num_bins: int = 15) -> Path:
     labels = predictions["labels"]
-    fig, ax = new_figure(figsize=(5, 5))
+    fig, ax = new_figure(figsize=(6.5, 4.5))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfect calibration")
     edges = np.linspace(0, 1, num_bins + 1)
     for name in _methods(predictions):
@@ -226,19 +232,19 @@ def plot_reliability(predictions: dict, path: Path, num_bins: int = 15) -> Path:
                 ys.append(correct[sel].mean())
         ax.plot(xs, ys, "o-", ms=3, label=name)
     ax.set(xlabel="confidence (bins with ≥ 5 test samples)", ylabel="accuracy", title="Reliability", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
 def plot_accuracy_coverage(predictions: dict, path: Path) -> Path:
     labels = predictions["labels"]
-    fig, ax = new_figure(figsize=(5.5, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     for name in _methods(predictions):
         cov, acc = accuracy_coverage(predictions[name], labels)
         ax.plot(cov.numpy(), acc.numpy(), label=name)
     ax.set(xlabel="coverage (fraction kept, lowest predictive entropy first)", ylabel="accuracy on kept samples",
            title="Selective prediction", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -270,7 +276,7 @@ def plot_selection(selection: dict, tasks: list[str], path: Path) -> Path:
     left.invert_yaxis()
     left.set(xlabel="top-k task vectors = the domain's (%)", xlim=(0, 100),
              title=f"selection accuracy {100 * selection['overall']:.0f}%")
-    left.legend(fontsize=8)
+    left.legend(loc="lower right", fontsize=8, framealpha=0.9)
     image = right.imshow(np.asarray(selection["score_by_domain"]), aspect="auto", cmap="viridis")
     right.set_xticks(np.arange(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
     right.set_yticks(y, selection["domains"], fontsize=8)
