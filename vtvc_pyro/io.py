@@ -8,8 +8,10 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -73,9 +75,46 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2) + "\n"
+    """``obj`` as indented, strict JSON, atomically: NaN and ±Infinity (which strict parsers reject)
+    are written as ``null``."""
+    text = json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, wait: bool = True, what: str = "it"):
+    """Hold an exclusive lock on the file ``path`` (created if needed) for the ``with`` block.
+
+    ``wait``: block until the other holder is done; else refuse at once. The operating system drops
+    the lock when its process dies, so a killed holder never leaves a stale lock behind.
+
+    Raises:
+        ConfigError: ``wait=False`` and another process holds the lock.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise ConfigError(f"another process is writing {what} (lock {path}): wait for it to finish, or pass "
+                              "another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fingerprint(params: Mapping[str, torch.Tensor]) -> str:

@@ -31,8 +31,13 @@ BASELINE_ORDER = ("zeroshot", "task_arithmetic", "ties", "atlas", "adamerging", 
 def load_run(run_dir: str | Path):
     """``(idata, predictions, metrics)`` of a run folder; a clear error when a file is missing."""
     folder = RunFolder(run_dir)
+    folder.require_complete()
     folder.require(RunFolder.POSTERIOR, RunFolder.PREDICTIONS, RunFolder.METRICS)
-    idata = az.from_netcdf(folder.posterior)
+    try:
+        idata = az.from_netcdf(folder.posterior)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{folder.posterior} is not a readable netCDF posterior ({type(err).__name__}: {err}): "
+                          "rerun the fit with --overwrite") from None
     if "image" not in idata.posterior.dims:
         raise ConfigError(f"{folder.posterior} was written by an older vtvc_pyro (dim 'sample', no 'inclusion'): "
                           "refit the run with this version to report it")

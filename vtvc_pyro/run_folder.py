@@ -11,6 +11,12 @@ Layout::
     history.csv                  its steps (others: history-k4.csv, ...)
     tensorboard/                 its TensorBoard events (others: tensorboard/k4/, ...), when asked for
     figures/  summary.json       written by ``vtvc report``
+    complete.json                written last by a fit: the run is complete (its absence: interrupted)
+
+Readers (:meth:`RunFolder.read_metrics`, :meth:`~RunFolder.read_guide`,
+:meth:`~RunFolder.read_predictions`) refuse a run without ``complete.json`` in one line that says
+how to finish it (``--resume``) or replace it (``--overwrite``). Folders written before the record
+existed (their ``config.json`` has no ``run_folder`` version) are read as they are.
 
 Every write is atomic (:func:`~vtvc_pyro.io.atomic_write`). The module sits just above the package's
 bottom layers (it imports only :mod:`.config`, :mod:`.io` and :mod:`.errors`), so that every layer that
@@ -27,17 +33,23 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import RUN_RECORD
 from .errors import ConfigError
-from .io import atomic_write, save_safetensors, write_json
+from .io import atomic_write, exclusive, save_safetensors, write_json
+
+FORMAT = 2
+"""Version of the run folder's layout, in ``config.json``'s run record; 2: ``complete.json`` is written last."""
 
 WATCH_SETTINGS = ("logger",)
 """Settings that change how a run is watched, not what it computes: ``--resume`` may change them."""
@@ -64,6 +76,12 @@ class RunFolder:
     POSTERIOR = "posterior.nc"
     GUIDE = "guide.safetensors"
     HISTORY = "history.csv"
+    COMPLETE = "complete.json"
+    LOCK = ".lock"  # held while a fit writes the folder (vtvc_pyro.io.exclusive)
+    OUTPUTS = ("config.json", "metrics.json", "timing.json", "predictions.safetensors", "posterior.nc",
+               "guide.safetensors", "summary.json", "complete.json", "checkpoint*.safetensors", "history*.csv",
+               "figures/*.png", ".*.tmp", "figures/.*.tmp")
+    """What a fit writes (globs): what ``--overwrite`` removes first, and nothing else."""
     SUMMARY = "summary.json"
     FIGURES = "figures"
 
@@ -144,7 +162,7 @@ class RunFolder:
         """
         if not self.config.is_file():
             raise ConfigError(f"{self.path} holds no {self.CONFIG}: pass the folder of a finished `vtvc fit` run")
-        settings = json.loads(self.config.read_text())
+        settings = self._read_json(self.config)
         if "fit" in settings:  # the layout before 0.2: {"fit": settings (seed under svi), "tasks": ..., ...}
             fit = dict(settings.pop("fit"))
             fit["svi"] = dict(fit.get("svi", {}))
@@ -152,51 +170,109 @@ class RunFolder:
             return fit, settings
         return {k: v for k, v in settings.items() if k != RUN_RECORD}, settings.get(RUN_RECORD, {})
 
+    def lock(self):
+        """Hold the folder for one writer: a second fit into it is refused at once."""
+        return exclusive(self.path / self.LOCK, wait=False, what=f"the run folder {self.path}")
+
+    def is_complete(self) -> bool:
+        """The fit finished (``complete.json``), or the folder predates the record and holds its results."""
+        if (self.path / self.COMPLETE).is_file():
+            return True
+        try:
+            record = json.loads(self.config.read_text()).get(RUN_RECORD, {})
+        except (OSError, ValueError):
+            return False
+        return record.get("run_folder", 1) < FORMAT and self.metrics.is_file() and self.guide.is_file()
+
+    def require_complete(self) -> None:
+        """Refuse an interrupted run in one line: how to finish it, or replace it."""
+        if not self.config.is_file():
+            raise ConfigError(f"{self.path} holds no run ({self.CONFIG} missing): pass the folder written by `vtvc fit`")
+        if not self.is_complete():
+            raise ConfigError(f"{self.path} holds an unfinished run (no {self.COMPLETE}: it was interrupted): finish "
+                              f"it with `vtvc fit --config {self.config} --out {self.path} --resume`, or run it again "
+                              "with --overwrite")
+
     def read_metrics(self) -> dict:
-        self.require(self.METRICS)
-        return json.loads(self.metrics.read_text())
+        self.require_complete()
+        return self._read_json(self.metrics)
+
+    def _read_json(self, path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}): restore it, or rerun the fit") from None
 
     def read_metrics_if_any(self) -> dict | None:
         """``metrics.json``, or ``None`` when the run has none."""
         return json.loads(self.metrics.read_text()) if self.metrics.is_file() else None
 
     def read_predictions(self) -> dict[str, torch.Tensor]:
+        self.require_complete()
         self.require(self.PREDICTIONS)
-        return load_file(str(self.predictions))
+        return _load_safetensors(self.predictions)
 
     def read_guide(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The fitted guide's state dict and the metadata it was saved with (``components``, ``best_step``)."""
         if not self.config.is_file() or not self.guide.is_file():
             raise ConfigError(f"{self.path} holds no finished fit ({self.CONFIG}, {self.GUIDE}): run `vtvc fit` first")
+        self.require_complete()
         from safetensors import safe_open
 
+        state = _load_safetensors(self.guide)
         with safe_open(str(self.guide), "pt") as f:
             meta = f.metadata() or {}
-        return load_file(str(self.guide)), meta
+        return state, meta
 
     # ------------------------------------------------------------ writes
     def prepare(self, settings: dict, overwrite: bool = False, resume: bool = False) -> RunFolder:
         """Create the folder, or check the one to resume.
 
-        A non-empty folder is refused unless ``overwrite`` (files are then replaced) or ``resume`` (it
-        must hold a checkpoint of a run with the same ``settings``).
+        A non-empty folder is refused unless ``overwrite`` (the outputs of the earlier run,
+        :data:`OUTPUTS`, are removed first; other files stay) or ``resume`` (it must hold an
+        unfinished run with the same ``settings``; it goes on from whatever phase was interrupted:
+        SVI from its checkpoints, the other phases again). Either removes stale temporary files
+        and the completion record, which the fit writes again at its end.
         """
         if resume:
-            if not self.candidate(0, 1).checkpoint.is_file() or not self.config.is_file():
-                raise ConfigError(f"--resume: {self.path} holds no checkpoint of a run; start it without --resume")
+            if not self.config.is_file():
+                raise ConfigError(f"--resume: {self.path} holds no run to resume ({self.CONFIG} missing); start it "
+                                  "without --resume")
+            if (self.path / self.COMPLETE).is_file():
+                raise ConfigError(f"--resume: the run in {self.path} is complete, nothing to resume; pass --overwrite "
+                                  "to run it again")
             before, _ = self.read_config()
             changed = sorted(k for k in set(before) | set(settings)
                              if k not in WATCH_SETTINGS and before.get(k) != settings.get(k))
             if changed:
                 raise ConfigError(f"--resume: the run in {self.path} used other settings ({', '.join(changed)}); "
                                   "resume with the same options")
+            self._remove(self.COMPLETE, ".*.tmp", "figures/.*.tmp")
             return self
-        if self.path.exists() and any(self.path.iterdir()) and not overwrite:
-            raise ConfigError(f"output folder {self.path} exists and is not empty: pass another --out, --resume to "
-                              "continue it, or --overwrite to replace it")
+        if self.path.exists() and any(p.name != self.LOCK for p in self.path.iterdir()):
+            if not overwrite:
+                advice = ("pass --resume to finish it" if self.config.is_file() and not self.is_complete()
+                          else "pass another --out")
+                raise ConfigError(f"output folder {self.path} exists and is not empty: {advice}, or --overwrite to "
+                                  "replace it")
+            self._remove(*self.OUTPUTS)  # an earlier run's files must never pass for this one's
+            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(exist_ok=True)
         return self
+
+    def _remove(self, *patterns: str) -> None:
+        for pattern in patterns:
+            for path in self.path.glob(pattern):
+                if path.is_file():
+                    path.unlink()
+
+    def write_complete(self) -> Path:
+        """The completion record, written last by a fit: what it wrote, and when."""
+        files = sorted(str(p.relative_to(self.path)) for p in self.path.rglob("*") if p.is_file()
+                       and not p.name.startswith("."))
+        return write_json(self.path / self.COMPLETE, {"format": FORMAT, "files": files,
+                                                      "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def write_chosen_history(self, chosen: CandidateFiles) -> Path | None:
         """Copy the chosen candidate's history to ``history.csv`` (atomically); ``None`` when it wrote none."""
@@ -228,6 +304,14 @@ class RunFolder:
     def write_posterior(self, idata) -> Path:
         """ArviZ InferenceData as netCDF."""
         return atomic_write(self.posterior, lambda tmp: idata.to_netcdf(str(tmp)))
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A run's safetensors file; a truncated or corrupt one is one clear error."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{path} is truncated or corrupt ({err}): rerun the fit with --overwrite") from None
 
 
 # ---------------------------------------------------------------- the run record

@@ -30,7 +30,7 @@ from ..config import DEFAULT_BANK, BuildConfig
 from ..data import specs, suite
 from ..data.suite import TaskData
 from ..errors import BankError
-from ..io import fingerprint, save_safetensors, write_json
+from ..io import exclusive, fingerprint, save_safetensors, write_json
 from ..progress import track
 from . import training
 from .task_vectors import TaskVector, TaskVectorBank
@@ -45,10 +45,16 @@ def build_embedded_bank(out: str | Path = DEFAULT_BANK, config: BuildConfig | No
     """
     out = Path(out)
     cfg = replace(config or BuildConfig(), tasks=list((config and config.tasks) or suite.SOURCES))
-    if (out / "manifest.json").is_file() and not overwrite:
-        check_suite_version(out, _read_manifest(out / "manifest.json"))
-        log.info("reusing bank %s", out)
-        return out
+    # two processes started at once on a fresh machine: the second waits, then reuses the first's bank
+    with exclusive(out.parent / f".{out.name}.lock", wait=True, what=f"the bank {out}"):
+        if (out / "manifest.json").is_file() and not overwrite:
+            check_suite_version(out, _read_manifest(out / "manifest.json"))
+            log.info("reusing bank %s", out)
+            return out
+        return _build_embedded_bank(out, cfg, progress)
+
+
+def _build_embedded_bank(out: Path, cfg: BuildConfig, progress: bool) -> Path:
     start = time.time()
     training.seed_everything(cfg.seed)
     model = backbone.create_clip(cfg.arch)
@@ -154,6 +160,31 @@ class LoadedBank:
         return feats
 
 
+def check_task_name(name: str) -> str:
+    """A task name is a single plain file-name component (it names ``task_vectors/<name>.safetensors``).
+
+    Raises:
+        BankError: for an empty name, ``.``/``..``, a path separator or a control character.
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\")
+            or any(ord(c) < 32 for c in name)):
+        raise BankError(f"task name {name!r} is not a plain name (no '/', '\\', '..' or control characters): "
+                        "name the task like SUN397 or digits-rotated")
+    return name
+
+
+def _bank_file(path: Path, name: str, info: dict) -> Path:
+    """The task vector file of ``name`` as the manifest records it, refused unless it lies in
+    ``task_vectors/`` of the bank (a manifest from elsewhere must not make us read any file)."""
+    check_task_name(name)
+    file = path / info.get("file", f"task_vectors/{name}.safetensors")
+    folder = (path / "task_vectors").resolve()
+    if file.resolve().parent != folder:
+        raise BankError(f"{path / 'manifest.json'}: task {name!r} points at {info.get('file')!r}, outside the bank's "
+                        "task_vectors/ folder; rebuild or re-import the bank")
+    return file
+
+
 def _read_manifest(manifest_path: Path) -> dict:
     try:
         return json.loads(manifest_path.read_text())
@@ -198,7 +229,10 @@ def load_bank(path: str | Path = DEFAULT_BANK, tasks: list[str] | None = None, d
     names = tasks if tasks is not None else list(manifest["tasks"])
     dtype = dtype or manifest.get("config", {}).get("dtype", "float32")
     heads = load_file(str(path / "heads.safetensors")) if (path / "heads.safetensors").is_file() else {}
-    files = [path / manifest["tasks"][n]["file"] for n in names]
+    unknown = [n for n in names if n not in manifest["tasks"]]
+    if unknown:
+        raise BankError(f"the bank {path} has no task {unknown[0]!r}; it has {', '.join(manifest['tasks'])}")
+    files = [_bank_file(path, n, manifest["tasks"][n]) for n in names]
     if stream:
         return LoadedBank(path, manifest, model, stack_streamed(files, base, manifest["arch"], dtype), heads)
     vectors = [TaskVector.load(f, base=base, arch=manifest["arch"]) for f in files]
@@ -388,6 +422,8 @@ def write_imported_bank(out: str | Path, model: torch.nn.Module, arch: str, sour
     from ..data.benchmarks import BENCHMARKS
 
     out = Path(out)
+    for name in sources:  # before anything is written: a refused name leaves no half bank
+        check_task_name(name)
     base_visual = backbone.image_tower_params(model)
     fp = fingerprint(base_visual)
     (out / "task_vectors").mkdir(parents=True, exist_ok=True)

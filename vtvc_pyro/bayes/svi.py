@@ -58,6 +58,7 @@ class FitResult:
     best_val_nll: float = math.inf
     seconds: float = 0.0
     samples_per_second: float = 0.0
+    skipped_steps: int = 0  # steps skipped as non-finite (svi.skip_nonfinite)
 
 
 def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1) -> float:
@@ -151,6 +152,7 @@ class _Fit:
     result: FitResult = field(default_factory=FitResult)
     best_state: dict = field(default_factory=dict)
     first: int = 1  # the first step this process runs (after a resume: the checkpoint's step + 1)
+    checkpointed: bool = False  # a checkpoint of this fit exists (written, or resumed from)
     multi: bool = False  # under torchrun: data parallel over the guide (see vtvc_pyro.distributed)
 
 
@@ -199,6 +201,7 @@ def _restore(fit: _Fit, path: Path | None) -> None:
     for key, value in saved["history"].items():
         setattr(fit.result, key, value)
     fit.first = saved["step"] + 1
+    fit.checkpointed = True
     log.info("resuming at step %d", fit.first)
     if fit.multi and distributed.rank() > 0:  # the checkpoint holds rank 0's RNG state
         torch.manual_seed(fit.seed + 7919 * distributed.rank() + fit.first)
@@ -263,8 +266,9 @@ def _optimisation_step(fit: _Fit, step: int, history: History | None) -> _Step:
     else:
         if history is not None:
             history.write(step, elbo=-float(loss.item()), grad_norm=grad_norm, **lrs)
-        raise NumericalError(f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); the last good "
-                             "checkpoint is kept: lower --svi.lr, or pass --svi.skip_nonfinite true to skip such steps")
+        kept = "the last good checkpoint is kept" if fit.checkpointed else "no checkpoint had been written yet"
+        raise NumericalError(f"non-finite loss or gradient at SVI step {step} (loss {loss.item()}); {kept}: lower "
+                             "--svi.lr, or pass --svi.skip_nonfinite true to skip such steps")
     fit.sched.step()
     elbo = -loss.item()  # NaN for a skipped step: kept in the trace, never written to JSON
     if fit.multi:
@@ -303,6 +307,7 @@ def _save(fit: _Fit, path: Path, step: int) -> None:
     if distributed.is_main():
         history = {k: getattr(fit.result, k) for k in HISTORY_KEYS}
         save_training_state(path, step, fit.guide, fit.best_state, fit.opt, fit.sched, fit.sampler.state(), history)
+    fit.checkpointed = True
 
 
 def _checkpoint_or_stop(fit: _Fit, step: int, stop: _StopRequest, path: Path | None) -> None:
@@ -313,12 +318,16 @@ def _checkpoint_or_stop(fit: _Fit, step: int, stop: _StopRequest, path: Path | N
         _save(fit, path, step)
     if stop.signal:
         saved = "checkpoint written; continue with --resume" if path else "no checkpoint was asked for"
-        raise FitInterrupted(f"{stop.signal} at SVI step {step}: {saved}")
+        raise FitInterrupted(f"{stop.signal} at SVI step {step}: {saved}", stop.signal)
 
 
 def _finish(fit: _Fit, seconds: float) -> FitResult:
     """Load the best state into the guide and fill in the throughput."""
     result = fit.result
+    result.skipped_steps = sum(not math.isfinite(e) for e in result.elbo_trace)
+    if result.skipped_steps > fit.cfg.steps // 2:
+        raise NumericalError(f"{result.skipped_steps} of {fit.cfg.steps} SVI steps were skipped as non-finite: the fit "
+                             "is not usable; lower --svi.lr or --svi.clip_norm")
     result.seconds = seconds
     done = fit.cfg.steps - fit.first + 1
     result.samples_per_second = (done * min(fit.cfg.batch_size, len(fit.train)) * fit.cfg.num_particles

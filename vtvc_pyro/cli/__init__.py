@@ -20,7 +20,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import typing
 from dataclasses import fields, is_dataclass
@@ -34,7 +36,7 @@ from jsonargparse import (
 )
 
 from .. import config
-from ..errors import VTVCError
+from ..errors import FitInterrupted, VTVCError
 from .argv import REPEATABLE, FlagError, forgive
 from .commands import COMMANDS, Command
 
@@ -150,7 +152,8 @@ def _repeated_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``vtvc ARGV``; a :class:`VTVCError` becomes one line on stderr and exit status 2."""
+    """Run ``vtvc ARGV``; an expected fault becomes one line on stderr and an exit status
+    (:data:`~vtvc_pyro.errors.EXIT_STATUS`: 2 bad input, 74 I/O error, 130/143 interrupted)."""
     parser = build_parser()
     try:
         args = forgive(list(sys.argv[1:] if argv is None else argv), _tree(COMMANDS))
@@ -165,15 +168,52 @@ def main(argv: list[str] | None = None) -> int:
     level = "INFO" if ns.verbose and ns.log_level == "WARNING" else ns.log_level
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     command, options = _selected(ns)
+    with _sigterm_as_exception():
+        return _run(command, options)
+
+
+def _run(command: Command, options) -> int:
     try:  # building the settings validates some of them (ConfigError)
         command.handler(None if command.settings is None else build_settings(command.settings, options))
+    except FitInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_status
     except VTVCError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as err:
+        sigterm = isinstance(err, _Terminated)
+        print(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (SIGINT)'} outside SVI: files already written "
+              "are complete; run the command again (a fit: with --resume)", file=sys.stderr)
+        return 143 if sigterm else 130
+    except OSError as err:  # disk full, permission denied, a file removed under us
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where} (free space, check permissions, or pass another --out)",
+              file=sys.stderr)
+        return 74
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM outside SVI (inside, the fit's own handler writes a checkpoint first)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """For the command's duration, SIGTERM raises :class:`_Terminated` (as SIGINT raises
+    KeyboardInterrupt) so it ends in one line and status 143; the previous handler comes back after."""
+    def handle(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry_point() -> None:

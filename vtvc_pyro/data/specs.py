@@ -111,10 +111,28 @@ def _imagefolder(root: Path, image_size: int) -> TaskData:
         classes = ds.classes
         if len(ds) == 0:
             raise DataError(f"{root / split} holds no images: put images in {root / split}/<class>/")
-        xs, ys = zip(*(ds[i] for i in range(len(ds))))
-        splits[split] = (torch.stack(xs), torch.tensor(ys))
+        splits[split] = _read_all(ds)
+    if len(classes) < 2:
+        raise DataError(f"{root} has {len(classes)} class folder ({', '.join(classes)}): a classifier needs at least "
+                        "two; put each class's images in its own folder under train/ and test/")
     names = tuple(c.replace("_", " ") for c in classes)
     return TaskData(f"imagefolder:{root}", names, ("a photo of a {}.",), splits)
+
+
+def _read_all(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image of a torchvision ``ImageFolder``: ``([N, 3, H, W], labels [N])``; a file that is
+    not an image is one clear error naming it."""
+    from PIL import UnidentifiedImageError
+
+    xs, ys = [], []
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            x, y = ds[i]
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"cannot read {path} as an image ({err}): remove it or replace it") from None
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.tensor(ys)
 
 
 def with_validation(task: TaskData, seed: int = 0, fraction: float = 0.1) -> TaskData:

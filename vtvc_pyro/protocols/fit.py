@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -30,6 +31,8 @@ from ..run_folder import RunFolder, device_description
 from .addition import Addition
 from .fitting import SPLITS, FitProtocol, fit_vtvc, posterior_data, prediction_tensors, run_record
 from .transfer import Transfer
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS: dict[str, FitProtocol] = {
     "transfer": Transfer(),
@@ -62,10 +65,19 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
     cfg.validate()
     protocol = protocol_for(cfg.protocol)
     out, overwrite = distributed.setup_run(Path(out), overwrite, resume)  # torchrun: only rank 0 writes to out
+    with RunFolder(out).lock():  # one writer per run folder
+        return _run_fit(cfg, protocol, out, overwrite, resume, progress)
+
+
+def _run_fit(cfg: FitConfig, protocol: FitProtocol, out: Path, overwrite: bool, resume: bool, progress: bool) -> dict:
     device = resolve_device(cfg.device)
     phases: dict[str, float] = {}
     with timed(phases, "load_seconds"):  # the bank (built on first use), the data, the base features
         target = protocol.load(cfg, device, progress)
+    learning = len(target.data["train"])
+    if cfg.svi.batch_size > learning:
+        log.warning("--svi.batch_size %d is more than the %d learning images: every step of every learned method "
+                    "uses all %d", cfg.svi.batch_size, learning, learning)
     settings = json.loads(json.dumps(asdict(cfg)))  # JSON-normalised
     folder = RunFolder(out).prepare(settings, overwrite, resume)  # after every input is known to be usable
     if not resume:
@@ -78,6 +90,7 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
     metrics = protocol.metrics(cfg, target, methods, baselines, vtvc)
     metrics["prediction"] = vtvc.prediction  # which prediction `vtvc` is (chosen on val)
     metrics["splits"] = {split: len(target.data[split]) for split in SPLITS}  # after --shots: what was learned from
+    metrics["warnings"] = fit_warnings(metrics)
     folder.write_metrics(metrics)  # no timings here: same seed and device, same file
     with timed(phases, "outputs_seconds"):
         folder.write_predictions(prediction_tensors(target, methods))
@@ -86,6 +99,7 @@ def run_fit(cfg: FitConfig, out: str | Path, overwrite: bool = False, resume: bo
               "svi_samples_per_second": round(vtvc.result.samples_per_second, 1),
               **phases, "total_seconds": round(sum(phases.values()), 2)}
     folder.write_timing(timing)
+    folder.write_complete()  # last: readers refuse the folder until here
     metrics["timing"] = timing
     return metrics
 
@@ -147,8 +161,28 @@ def run_notes(metrics: dict) -> list[str]:
             nll = choice["val_nll"]
             line += f"; vtvc is {kind} (val NLL {nll['mean']:.3f} one pass, {nll['mc']:.3f} Monte Carlo)"
         lines.append(line)
+    lines += [f"warning: {w}" for w in metrics.get("warnings", fit_warnings(metrics))]
+    return [*lines, LEGEND]
+
+
+def fit_warnings(metrics: dict) -> list[str]:
+    """What a run's numbers say is wrong with its fit (``metrics.json`` → ``warnings``): the best val
+    score at the last step, steps skipped as non-finite, VTVC below zero-shot on val."""
+    svi, methods, out = metrics.get("svi", {}), metrics.get("methods", {}), []
     steps = svi.get("budget", {}).get("steps")
     if steps and svi.get("best_step") == steps:
-        lines.append(f"warning: VTVC's best val score came at its last step ({steps}): the fit may not have converged; "
-                     "try more --svi.steps")
-    return [*lines, LEGEND]
+        out.append(f"VTVC's best val score came at its last step ({steps}): the fit may not have converged; "
+                   "try more --svi.steps")
+    if svi.get("skipped_steps"):
+        out.append(f"{svi['skipped_steps']} SVI steps were skipped as non-finite")
+    val = {name: _val_accuracy(methods[name]) for name in ("vtvc", "zeroshot") if name in methods}
+    if None not in val.values() and len(val) == 2 and val["vtvc"] < val["zeroshot"]:
+        out.append(f"VTVC's val accuracy ({100 * val['vtvc']:.1f} %) is below zero-shot's ({100 * val['zeroshot']:.1f} %): "
+                   "the fit failed; check the data, --svi.lr and --svi.steps")
+    return out
+
+
+def _val_accuracy(method: dict) -> float | None:
+    """A method's val accuracy in either metrics layout (task addition: the average over tasks)."""
+    val = method.get("val", {})
+    return val.get("accuracy", val.get("average", {}).get("accuracy"))

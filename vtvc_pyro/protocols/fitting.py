@@ -41,6 +41,7 @@ from ..evaluate import (
     selection_accuracy,
 )
 from ..methods import baselines
+from ..run_folder import FORMAT as RUN_FOLDER_FORMAT
 from ..run_folder import RunFolder, device_description, environment
 
 SPLITS = ("train", "val", "test")
@@ -179,7 +180,8 @@ class FitProtocol:
 
 def run_record(cfg: FitConfig, protocol: FitProtocol, target: Target, device: torch.device) -> dict:
     """``config.json``'s run record: what the run found and where it ran."""
-    return {"argv": sys.argv, "prior_settings": make_prior(cfg.prior, **cfg.prior_args).settings(),
+    return {"run_folder": RUN_FOLDER_FORMAT, "argv": sys.argv,
+            "prior_settings": make_prior(cfg.prior, **cfg.prior_args).settings(),
             "tasks": target.tasks, **protocol.record(target),
             "bank_fingerprint": target.bank.manifest["base_fingerprint"], "data_seed": target.data_seed,
             "device": device_description(device), "environment": environment()}
@@ -278,6 +280,7 @@ class VTVCFit:
         """``metrics.json``'s ``svi`` block (``detailed``: with the best val accuracy and the last finite ELBO)."""
         fit = self.result
         out = {"components": self.components, "val_nll_by_components": self.val_nll_by_components,
+               "skipped_steps": fit.skipped_steps,
                "lr_factor": self.chosen[1],
                "val_nll_by_setting": {f"K={k}, lr×{f:g}": v for (k, f), v in self.val_nll_by_setting.items()},
                "best_step": fit.best_step, "best_val_nll": fit.best_val_nll}
