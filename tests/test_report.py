@@ -85,3 +85,28 @@ def test_notebook_executes_top_to_bottom_and_draws(short_run):
     assert len(drawing) == 2  # cells, each with several figures
     for i in drawing:
         assert any("image/png" in o.get("data", {}) for o in outputs[i]), f"cell {i} drew no image"
+
+
+def test_curves_command_tabulates_and_draws_few_shot_runs(short_run, tmp_path, capsys):
+    from vtvc_pyro.cli import main
+    from vtvc_pyro.tables import shot_curves
+
+    run, _ = short_run
+    for shots, seed in (("4", 0), ("4", 1), ("all", 0)):  # the same run standing in for three
+        (tmp_path / "runs" / "mixed" / f"k{shots}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "mixed" / f"k{shots}" / f"s{seed}").symlink_to(run)
+    rows = shot_curves(tmp_path / "runs")
+    assert [r["shots"] for r in rows if r["method"] == "vtvc"] == ["4", "all"]
+    vtvc = next(r for r in rows if r["method"] == "vtvc")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert vtvc["seeds"] == 2 and vtvc["accuracy"] == 100 * metrics["methods"]["vtvc"]["accuracy"]
+    assert vtvc["accuracy_sd"] == 0.0 and "accuracy_vs_vtvc" not in vtvc
+    atlas = next(r for r in rows if r["method"] == "atlas")
+    paired = metrics["methods"]["atlas"]["paired_vs_vtvc"]["accuracy"]
+    assert atlas["accuracy_vs_vtvc"] == 100 * paired["difference"]
+    assert atlas["accuracy_vs_vtvc_above"] == 2 * (paired["interval95"][0] > 0)
+    assert main(["curves", str(tmp_path / "runs"), "--out", str(tmp_path / "curves")]) == 0
+    assert "| mixed | 4 | vtvc | 2 |" in (tmp_path / "curves.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 5000
+    assert main(["curves", str(tmp_path / "runs"), "--out", str(tmp_path / "curves")]) == 2  # never replaced silently
+    capsys.readouterr()

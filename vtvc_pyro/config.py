@@ -612,6 +612,19 @@ class PredictCommand(_Overwrite):
 
 
 @dataclass(kw_only=True)
+class CurvesCommand(_Overwrite):
+    """Where the few-shot runs are, and where their curves go.
+
+    Args:
+        root: run folders laid out ROOT/<target>/k<K>/s<seed> (kall: every learning image), from vtvc fit --shots K.
+        out: write OUT.md and OUT.png (default: print the Markdown only).
+    """
+
+    root: str = positional()
+    out: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class TableCommand(_Overwrite):
     """Which run folders to tabulate, and where.
 

@@ -335,3 +335,22 @@ def build_report(run_dir: str | Path) -> dict:
     summary["figures"] = [str(p.relative_to(folder.path)) for p in figures]
     folder.write_summary(summary)
     return summary
+
+
+def plot_shot_curves(rows: list[dict], path: Path) -> Path:
+    """Test accuracy against learning images per class (transfer) or per task (addition), one panel
+    per target, mean ± sd over seeds (rows of :func:`vtvc_pyro.tables.shot_curves`)."""
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig, axes = new_figure(1, len(targets), figsize=(4.2 * len(targets) + 1.8, 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        mine = [r for r in rows if r["target"] == target]
+        shots = list(dict.fromkeys(r["shots"] for r in mine))
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = [next((r for r in mine if r["shots"] == k and r["method"] == method), None) for k in shots]
+            xs = [i for i, p in enumerate(points) if p]
+            ax.errorbar(xs, [points[i]["accuracy"] for i in xs], yerr=[points[i]["accuracy_sd"] for i in xs],
+                        marker="o", ms=3, capsize=2, label=method)
+        ax.set_xticks(range(len(shots)), shots)
+        ax.set(xlabel="learning images per class (addition: per task)", ylabel="test accuracy %", title=target)
+    legend_outside(axes[0][-1])
+    return save_figure(fig, path)

@@ -190,3 +190,83 @@ def to_csv(table: Table) -> str:
         n = max((c[2] for c in cells if c is not None), default=0)
         writer.writerow([label, source, *values, n])
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- data-efficiency curves
+CURVE_METHODS = ("vtvc", "vtvc_mean", "vtvc_mc", "router", "flat_twin", "atlas", "zeroshot")
+"""The methods a data-efficiency curve follows, where the runs have them."""
+
+
+def _score(method: dict) -> tuple[float, float]:
+    """(accuracy, NLL) of a method in either metrics layout (task addition: the average over tasks)."""
+    scores = method.get("average", method)
+    return scores["accuracy"], scores["nll"]
+
+
+def shot_curves(root: str | Path) -> list[dict]:
+    """Rows of data-efficiency curves from run folders laid out ``ROOT/<target>/k<K>/s<seed>``
+    (``kall``: every learning image), written by ``vtvc fit --shots K``.
+
+    Per (target, K, method): the mean ± sd over seeds of the test accuracy and NLL (%, nats), and
+    the paired difference against VTVC on the same test images: mean over seeds, with each seed's
+    95 % interval counted by where it lies (``above``: the method beats VTVC in that seed).
+
+    Raises:
+        ConfigError: no finished run under ``root``.
+    """
+    root = Path(root)
+    rows = []
+    for target_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for shot_dir in sorted((p for p in target_dir.iterdir() if p.is_dir() and p.name.startswith("k")),
+                               key=lambda p: (p.name == "kall", int(p.name[1:]) if p.name[1:].isdigit() else 0)):
+            runs = [RunFolder(s).read_metrics() for s in sorted(shot_dir.iterdir()) if (s / "metrics.json").is_file()]
+            if runs:
+                rows += _curve_rows(target_dir.name, shot_dir.name[1:], runs)
+    if not rows:
+        raise ConfigError(f"no finished run under {root}: lay runs out as ROOT/<target>/k<K>/s<seed> (kall: all images)")
+    return rows
+
+
+def _curve_rows(target: str, shots: str, runs: list[dict]) -> list[dict]:
+    rows = []
+    for method in CURVE_METHODS:
+        have = [m["methods"][method] for m in runs if method in m["methods"]]
+        if not have:
+            continue
+        acc, nll = zip(*(_score(m) for m in have))
+        row = {"target": target, "shots": shots, "method": method, "seeds": len(have),
+               "accuracy": 100 * _mean(acc), "accuracy_sd": 100 * _sd(acc), "nll": _mean(nll), "nll_sd": _sd(nll)}
+        paired = [m["paired_vs_vtvc"] for m in have if "paired_vs_vtvc" in m]
+        for key, scale in (("accuracy", 100), ("nll", 1)):
+            diffs = [p[key] for p in paired if key in p]
+            if diffs:
+                row[f"{key}_vs_vtvc"] = scale * _mean([d["difference"] for d in diffs])
+                row[f"{key}_vs_vtvc_above"] = sum(d["interval95"][0] > 0 for d in diffs)
+                row[f"{key}_vs_vtvc_below"] = sum(d["interval95"][1] < 0 for d in diffs)
+        rows.append(row)
+    return rows
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def _sd(values) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def curves_markdown(rows: list[dict]) -> str:
+    """The curve rows as a Markdown table: accuracy and NLL per K, and the paired difference against VTVC."""
+    lines = ["| target | K | method | seeds | accuracy % | NLL | acc − vtvc, points (seeds above / below 0) | "
+             "NLL − vtvc (seeds above / below 0; above: worse than VTVC) |", "|---|---|---|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        pair = ("–", "–")
+        if "accuracy_vs_vtvc" in r:
+            pair = (f"{r['accuracy_vs_vtvc']:+.1f} ({r['accuracy_vs_vtvc_above']}/{r['accuracy_vs_vtvc_below']})",
+                    f"{r['nll_vs_vtvc']:+.3f} ({r['nll_vs_vtvc_above']}/{r['nll_vs_vtvc_below']})")
+        lines.append(f"| {r['target']} | {r['shots']} | {r['method']} | {r['seeds']} | {r['accuracy']:.1f} ± "
+                     f"{r['accuracy_sd']:.1f} | {r['nll']:.3f} ± {r['nll_sd']:.3f} | {pair[0]} | {pair[1]} |")
+    return "\n".join(lines)

@@ -141,6 +141,23 @@ def table(opts: config.TableCommand) -> None:
             print(f"wrote {path}")
 
 
+def curves(opts: config.CurvesCommand) -> None:
+    from ..io import atomic_write
+    from ..report import plot_shot_curves
+    from ..tables import curves_markdown, shot_curves
+
+    rows = shot_curves(opts.root)
+    markdown = curves_markdown(rows)
+    print(markdown)
+    if opts.out:
+        md, png = Path(opts.out).with_suffix(".md"), Path(opts.out).with_suffix(".png")
+        for path in (md, png):
+            _refuse_existing(path, opts.overwrite)
+        atomic_write(md, lambda tmp: Path(tmp).write_text(markdown + "\n"))
+        plot_shot_curves(rows, png)
+        print(f"wrote {md} and {png}")
+
+
 def export(opts: config.ExportCommand) -> None:
     from ..protocols.export import command_line, export_run
 
@@ -349,6 +366,8 @@ COMMANDS = (
             report),
     Command(("export",), "Export a run's posterior-mean composition as open_clip weights: a local-dir: folder "
             "(config, weights, model card) or one .safetensors file.", config.ExportCommand, export),
+    Command(("curves",), "Data-efficiency curves (accuracy against learning images, paired against VTVC) of few-shot runs.",
+            config.CurvesCommand, curves),
     Command(("table",), "Results table (methods x tasks, average, normalized average) of run folders, Markdown and CSV.",
             config.TableCommand, table),
     Command(("predict",), "Apply a fitted run to new images: class probabilities, uncertainty and per-image "
