@@ -157,7 +157,8 @@ TARGET_SOURCES: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 #: Transformed digits shown during pretraining, per source transform: enough for zero-shot above
-#: chance on every source, far from saturation (inverted digits need more to get off chance).
+#: chance on every digit transform, far from saturation (inverted digits need more to get off chance).
+#: Parity's zero-shot stays at chance: its prompts are not what pretraining captioned.
 GLIMPSE_PER_TRANSFORM = {
     "digits-inverted": 90, "digits-rotated": 30, "digits-noisy": 30, "digits-blurry": 30,
     "digits-tinted": 30, "digits-lowcontrast": 30, "digits-edges": 30,
