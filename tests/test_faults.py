@@ -245,3 +245,17 @@ def test_checkpoint_advice_is_true_when_no_checkpoint_exists():
         guide.heads["slab_loc"][2].bias.fill_(float("nan"))
     with pytest.raises(NumericalError, match="no checkpoint had been written yet"):
         fit_svi(model, guide, Split(x, f, y), Split(x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
+
+
+def test_a_run_config_missing_settings_says_what_it_fills_in(caplog):
+    from dataclasses import asdict
+
+    from vtvc_pyro.config import FitConfig
+    from vtvc_pyro.protocols.fitting import fit_config_of
+
+    settings = json.loads(json.dumps(asdict(FitConfig(seed=3))))
+    del settings["components"], settings["fit_split"], settings["svi"]["steps"]
+    with caplog.at_level("WARNING"):
+        cfg = fit_config_of(settings, "RUN/config.json")
+    assert "RUN/config.json does not record components, svi.steps: using today's defaults" in caplog.text
+    assert cfg.seed == 3 and cfg.fit_split == "train"  # a run without fit_split predates it: it learned on train

@@ -9,6 +9,7 @@ methods' probabilities into metrics; everything else here is the same for all of
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,8 @@ from ..evaluate import (
 from ..methods import baselines
 from ..run_folder import FORMAT as RUN_FOLDER_FORMAT
 from ..run_folder import RunFolder, device_description, environment
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -197,13 +200,22 @@ def build_vtvc(cfg: FitConfig, composer: Composer, head: torch.Tensor, feature_d
                      settings=GuideSettings.from_config(cfg))
 
 
-def fit_config_of(settings: dict) -> FitConfig:
-    """The :class:`FitConfig` of a run's recorded settings (keys a newer or older version wrote are dropped)."""
+LEGACY_SETTINGS = {"model": "flat", "fit_split": "train"}
+"""What a run recorded before the setting existed meant: the flat model, learning on train."""
+
+
+def fit_config_of(settings: dict, source: str = "the run's config.json") -> FitConfig:
+    """The :class:`FitConfig` of a run's recorded settings (keys a newer or older version wrote are
+    dropped; settings it does not record take :data:`LEGACY_SETTINGS` or today's defaults, with one
+    warning that names them)."""
     known = {f.name for f in dataclasses.fields(FitConfig)}
     svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
     kept = {k: v for k, v in settings.items() if k in known}
-    kept.setdefault("model", "flat")  # runs written before the hierarchical model existed
-    return FitConfig(**{**kept, "svi": SVIConfig(**{k: v for k, v in settings.get("svi", {}).items() if k in svi_known})})
+    svi = {k: v for k, v in settings.get("svi", {}).items() if k in svi_known}
+    missing = sorted(known - set(kept) - set(LEGACY_SETTINGS)) + sorted(f"svi.{k}" for k in svi_known - set(svi))
+    if missing:
+        log.warning("%s does not record %s: using today's defaults for them", source, ", ".join(missing))
+    return FitConfig(**{**LEGACY_SETTINGS, **kept, "svi": SVIConfig(**svi)})
 
 
 def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Tensor, feature_dim: int) -> torch.nn.Module:
@@ -212,7 +224,7 @@ def load_guide_from_run(run_dir: str | Path, composer: Composer, head: torch.Ten
     state, meta = folder.read_guide()
     settings, _ = folder.read_config()
     components = int(meta.get("components", 1))  # the number the fit chose on val
-    _, guide = build_vtvc(fit_config_of(settings), composer, head, feature_dim, components)
+    _, guide = build_vtvc(fit_config_of(settings, str(folder.config)), composer, head, feature_dim, components)
     guide.load_state_dict(state)
     return guide.eval()
 

@@ -115,7 +115,7 @@ class Predictor:
                 the composition is still inferred from the image alone). Transfer runs: ignored.
         """
         settings, record = RunFolder(run_dir).read_config()
-        cfg = fit_config_of(settings)
+        cfg = fit_config_of(settings, str(RunFolder(run_dir).config))
         cfg.device = device
         dev = resolve_device(device)
         protocol = protocol_for(cfg.protocol)
