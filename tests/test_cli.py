@@ -156,6 +156,11 @@ def test_a_misspelt_flag_names_the_closest_and_is_never_taken_as_an_abbreviation
     (["ablate", "--sweep", "svi.lr=0.1,0.2", "--sweep", "seed=1"], ["ablate", "--sweep", "svi.lr=0.1,0.2", "--sweep", "seed=1"]),
     (["export", "--overwrite", "RUN", "--out", "o"], ["export", "--overwrite", "RUN", "--out", "o"]),
     (["fit", "--svi.lr=-1e-3", "--baselines=[]"], ["fit", "--svi.lr=-1e-3", "--baselines=[]"]),
+    (["fit", "--baselines+", "atlas"], ["fit", "--baselines+", "atlas"]),  # jsonargparse's append: one item
+    (["ablate", "--sweep=svi.lr=0.1,0.2"], ["ablate", "--sweep", "svi.lr=0.1,0.2"]),
+    (["bank", "import", "--arch", "a", "--out", "o", "--tasks", "null"], ["bank", "import", "--arch", "a", "--out", "o",
+                                                                         "--tasks", "null"]),
+    (["table", "out=x"], ["table", "out=x"]),  # a run folder named out=x, not --out x
 ])
 def test_habits_from_other_tools_mean_what_they_say(habit, usual):
     """Dashes for underscores, Hydra's key=value, comma lists, -v after the subcommand."""

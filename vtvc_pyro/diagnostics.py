@@ -171,7 +171,8 @@ def class_frequency_check(idata: az.InferenceData, interval: float = 0.9) -> xr.
     classes = idata.constant_data["class_name"].values if "class_name" in idata.constant_data else None
     drawn = idata.posterior_predictive["obs"].stack(sample=("chain", "draw")).transpose("sample", "image").values
     num_classes = idata.posterior_predictive["probs"].sizes["class"]
-    counts = np.stack([np.bincount(row.astype(int), minlength=num_classes) for row in drawn])  # [S, C]
+    # a draw of a diverged posterior has label -1 (to_inference_data): it counts in no class
+    counts = np.stack([np.bincount(row[row >= 0].astype(int), minlength=num_classes) for row in drawn])  # [S, C]
     observed = np.bincount(idata.observed_data["obs"].values.astype(int), minlength=num_classes)
     tail = (1 - interval) / 2
     low, high = np.quantile(counts, tail, axis=0), np.quantile(counts, 1 - tail, axis=0)

@@ -137,7 +137,7 @@ class RunFolder:
         """The files of the ``index``-th candidate, with ``components`` compositions and learning
         rates × ``lr_factor``, named after them (``history-k4.csv``, ``tensorboard/k4``; the
         factor when it is not 1: ``history-k4-lrx2.csv``). Checkpoints likewise, except that the
-        first candidate's is ``checkpoint.safetensors`` (what ``--resume`` looks for first)."""
+        first candidate's is ``checkpoint.safetensors`` (its name in every earlier layout)."""
         name = f"k{components}" + ("" if lr_factor == 1 else f"-lrx{lr_factor:g}")
         checkpoint = "checkpoint.safetensors" if index == 0 else f"checkpoint-{name}.safetensors"
         return CandidateFiles(self.path / checkpoint, self.path / f"history-{name}.csv", self.path / "tensorboard" / name)
@@ -182,7 +182,8 @@ class RunFolder:
             record = json.loads(self.config.read_text()).get(RUN_RECORD, {})
         except (OSError, ValueError):
             return False
-        return record.get("run_folder", 1) < FORMAT and self.metrics.is_file() and self.guide.is_file()
+        return (record.get("run_folder", 1) < FORMAT and self.metrics.is_file() and self.guide.is_file()
+                and self.posterior.is_file())  # the older layout wrote posterior.nc last
 
     def require_complete(self) -> None:
         """Refuse an interrupted run in one line: how to finish it, or replace it."""
@@ -214,9 +215,9 @@ class RunFolder:
 
     def read_guide(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The fitted guide's state dict and the metadata it was saved with (``components``, ``best_step``)."""
-        if not self.config.is_file() or not self.guide.is_file():
-            raise ConfigError(f"{self.path} holds no finished fit ({self.CONFIG}, {self.GUIDE}): run `vtvc fit` first")
         self.require_complete()
+        if not self.guide.is_file():
+            raise ConfigError(f"{self.path} holds no fitted guide ({self.GUIDE}): run the fit again with --overwrite")
         from safetensors import safe_open
 
         state = _load_safetensors(self.guide)
@@ -238,7 +239,7 @@ class RunFolder:
             if not self.config.is_file():
                 raise ConfigError(f"--resume: {self.path} holds no run to resume ({self.CONFIG} missing); start it "
                                   "without --resume")
-            if (self.path / self.COMPLETE).is_file():
+            if self.is_complete():
                 raise ConfigError(f"--resume: the run in {self.path} is complete, nothing to resume; pass --overwrite "
                                   "to run it again")
             before, _ = self.read_config()
@@ -249,7 +250,7 @@ class RunFolder:
                                   "resume with the same options")
             self._remove(self.COMPLETE, ".*.tmp", "figures/.*.tmp")
             return self
-        if self.path.exists() and any(p.name != self.LOCK for p in self.path.iterdir()):
+        if self.path.exists() and any(not self._placeholder(p) for p in self.path.iterdir()):
             if not overwrite:
                 advice = ("pass --resume to finish it" if self.config.is_file() and not self.is_complete()
                           else "pass another --out")
@@ -260,6 +261,10 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(exist_ok=True)
         return self
+
+    def _placeholder(self, path: Path) -> bool:
+        """The lock, or an empty ``figures/``: what a fit leaves before writing anything."""
+        return path.name == self.LOCK or (path.name == self.FIGURES and path.is_dir() and not any(path.iterdir()))
 
     def _remove(self, *patterns: str) -> None:
         for pattern in patterns:
@@ -273,6 +278,12 @@ class RunFolder:
                        and not p.name.startswith("."))
         return write_json(self.path / self.COMPLETE, {"format": FORMAT, "files": files,
                                                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def adopt_history(self, first: CandidateFiles) -> None:
+        """Resuming a run whose first candidate wrote ``history.csv`` (before candidates were named
+        after K): continue its rows in the named file."""
+        if not first.history.is_file() and self.history.is_file():
+            first.history.write_text(self.history.read_text())
 
     def write_chosen_history(self, chosen: CandidateFiles) -> Path | None:
         """Copy the chosen candidate's history to ``history.csv`` (atomically); ``None`` when it wrote none."""

@@ -193,8 +193,9 @@ def to_csv(table: Table) -> str:
 
 
 # ---------------------------------------------------------------- data-efficiency curves
-CURVE_METHODS = ("vtvc", "vtvc_mean", "vtvc_mc", "router", "flat_twin", "atlas", "zeroshot")
-"""The methods a data-efficiency curve follows, where the runs have them."""
+CURVE_METHODS = ("vtvc", "router", "flat_twin", "atlas", "zeroshot")
+"""The methods a data-efficiency curve follows, where the runs have them (not ``vtvc_mean`` or
+``vtvc_mc``: a run keeps the one of the two that lost on val, so their rows would be biased)."""
 
 
 def _score(method: dict) -> tuple[float, float]:
@@ -219,7 +220,7 @@ def shot_curves(root: str | Path) -> list[dict]:
     for target_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for shot_dir in sorted((p for p in target_dir.iterdir() if p.is_dir() and p.name.startswith("k")),
                                key=lambda p: (p.name == "kall", int(p.name[1:]) if p.name[1:].isdigit() else 0)):
-            runs = [RunFolder(s).read_metrics() for s in sorted(shot_dir.iterdir()) if (s / "metrics.json").is_file()]
+            runs = [RunFolder(s).read_metrics() for s in sorted(shot_dir.iterdir()) if RunFolder(s).is_complete()]
             if runs:
                 rows += _curve_rows(target_dir.name, shot_dir.name[1:], runs)
     if not rows:
@@ -248,10 +249,12 @@ def _curve_rows(target: str, shots: str, runs: list[dict]) -> list[dict]:
 
 
 def _mean(values) -> float:
-    return sum(values) / len(values)
+    values = [v for v in values if v is not None]  # a diverged run's NaN is null in strict JSON
+    return sum(values) / len(values) if values else math.nan
 
 
 def _sd(values) -> float:
+    values = [v for v in values if v is not None]
     if len(values) < 2:
         return 0.0
     m = _mean(values)

@@ -194,7 +194,7 @@ def _run(command: Command, options) -> int:
     return 0
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):  # not an Exception: no `except Exception` may swallow it
     """SIGTERM outside SVI (inside, the fit's own handler writes a checkpoint first)."""
 
 

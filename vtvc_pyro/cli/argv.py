@@ -38,6 +38,7 @@ class Flags:
 
     kinds: dict[str, str] = field(default_factory=lambda: dict(BUILT_IN))
     aliases: dict[str, str] = field(default_factory=dict)  # "-v" -> "verbose"
+    positionals: bool = False  # the command takes positional arguments
 
     @classmethod
     def of(cls, settings: type | None) -> Flags:
@@ -56,7 +57,9 @@ class Flags:
             elif kind == "switch":
                 self.kinds[name] = "switch"
                 self.aliases.update(dict.fromkeys(f.metadata.get("aliases", ()), name))
-            elif kind != "positional":
+            elif kind == "positional":
+                self.positionals = True
+            else:
                 self.kinds[name] = "list" if _is_list(hints[f.name]) else "value"
 
     def closest(self, name: str) -> str:
@@ -72,9 +75,11 @@ def _is_list(hint) -> bool:
 
 
 def _as_list(value: str) -> str:
-    """``a,b`` -> ``[a,b]``; a YAML list, a mapping or a quoted string stays as it is."""
+    """``a,b`` -> ``[a,b]``; a YAML list, a mapping, a quoted string or ``null`` stays as it is."""
     stripped = value.strip()
-    return value if stripped.startswith(("[", "{", "'", '"')) else f"[{stripped}]"
+    if stripped.startswith(("[", "{", "'", '"')) or stripped in ("null", "None", "~"):
+        return value
+    return f"[{stripped}]"
 
 
 def _command_path(argv: list[str], tree: dict, main: Flags) -> tuple[list[str], list[str], object, list[str]]:
@@ -94,7 +99,8 @@ def _command_path(argv: list[str], tree: dict, main: Flags) -> tuple[list[str], 
 
 
 def _flag_name(token: str) -> str:
-    return token.lstrip("-").partition("=")[0].replace("-", "_")
+    """``--svi.batch-size=8`` -> ``svi.batch_size``; jsonargparse's append form ``--baselines+`` -> ``baselines``."""
+    return token.lstrip("-").partition("=")[0].removesuffix("+").replace("-", "_")
 
 
 def forgive(argv: list[str], tree: dict) -> list[str]:
@@ -115,7 +121,8 @@ def forgive(argv: list[str], tree: dict) -> list[str]:
             out += rest[i:]
             break
         name = _flag_name(token)
-        bare_setting = not token.startswith("-") and "=" in token and name in flags.kinds
+        # Hydra's key=value, where it cannot be a positional (a run folder may be named out=x)
+        bare_setting = not token.startswith("-") and "=" in token and name in flags.kinds and not flags.positionals
         if token.startswith("-") and token not in ("-", "-h") and not _is_number(token):
             alias = flags.aliases.get(token) or main.aliases.get(token)
             name = alias or name
@@ -142,9 +149,11 @@ def forgive(argv: list[str], tree: dict) -> list[str]:
                 out.append(flag)  # jsonargparse says the value is missing
                 break
             value, i = rest[i + 1], i + 1
-        listed = kind == "list" and flag not in REPEATABLE
+        repeatable = flag.removesuffix("+") in REPEATABLE  # `--sweep X` is one item: see cli._repeated_flags
+        listed = kind == "list" and not repeatable and not flag.endswith("+")  # `--baselines+ x` appends one item
         value = _as_list(value) if listed else value
-        out += [f"{flag}={value}"] if has_value else [flag, value]  # `=` keeps a value such as -1e-3 a value
+        # `=` keeps a value such as -1e-3 a value; a repeatable flag's item stays a token of its own
+        out += [f"{flag}={value}"] if has_value and not repeatable else [flag, value]
         i += 1
     return [_underscored(t) if t.startswith("--") else t for t in head] + moved + path + out
 

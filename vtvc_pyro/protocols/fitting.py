@@ -378,6 +378,8 @@ def fit_vtvc(cfg: FitConfig, target: Target, folder: RunFolder, resume: bool, pr
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
     settings = [(k, f) for k in candidate_components(cfg) for f in cfg.lr_factors]
     files = {key: folder.candidate(i, *key) for i, key in enumerate(settings)}
+    if resume:
+        folder.adopt_history(files[settings[0]])
     candidates = {(k, f): fit_candidate(cfg, target, composer, k, files[(k, f)], resume, progress, f)
                   for k, f in settings}
     chosen = min(candidates, key=lambda key: candidates[key].result.best_val_nll)

@@ -174,8 +174,9 @@ class Predictor:
             probs_s, local, _ = sample_draws(self.model, self.guide, images, features, num_samples, self.temperature,
                                              generator_seed=seed)
             mi, inclusion = mutual_information(probs_s), local["inclusion"].float().mean((0, 3))
+            lam = local["lam"].mean((0, 3))  # E λ over the draws
             if self.prediction == "mc":
-                probs, lam = probs_s.mean(0), local["lam"].mean((0, 3))
+                probs = probs_s.mean(0)
         mi = torch.full((n,), math.nan) if mi is None else mi
         return Predictions(names, self.class_names, self.tasks, probs.cpu(), predictive_entropy(probs).cpu(), mi.cpu(),
                            lam.cpu(), inclusion.cpu(), None if labels is None else labels.cpu())
