@@ -215,8 +215,9 @@ def test_published_numbers_name_a_source_for_every_row():
 
 
 def test_learning_splits_never_mix_train_and_val():
-    """train: learn on train, select on val carved from it; val: refused where val would be carved
-    from the fine-tuning data, else learn on 90 % of the data set's own val and select on the rest."""
+    """train: learn on the fine-tuning split, select on the task's own held-out val; val: learn on
+    90 % of that val and select on the rest, never touching the fine-tuning split; refused where
+    the data set has no val of its own (it would be carved from the fine-tuning data)."""
     from vtvc_pyro.data.specs import load_dataset
     from vtvc_pyro.data.suite import TaskData
     from vtvc_pyro.protocols.addition import learning_splits
@@ -226,13 +227,15 @@ def test_learning_splits_never_mix_train_and_val():
 
     digits = load_dataset("digits")
     task = learning_splits(digits, "train", 0)
+    assert flat(task.split("train")[0]) == flat(digits.split("train")[0])
+    assert flat(task.split("val")[0]) == flat(digits.split("val")[0])
+    task = learning_splits(digits, "val", 0)
     train, val = task.split("train")[0], task.split("val")[0]
-    assert len(train) + len(val) == len(digits.split("train")[0]) and not flat(train) & flat(val)
+    assert len(train) + len(val) == 300 and not flat(train) & flat(val)
+    assert flat(train) | flat(val) == flat(digits.split("val")[0])
+    assert not (flat(train) | flat(val)) & flat(digits.split("train")[0])  # nothing of the fine-tuning split
+    no_val = TaskData("t", digits.class_names, (), {"train": digits.split("train"), "test": digits.split("test")})
     with pytest.raises(ConfigError, match="own val split"):
-        learning_splits(digits, "val", 0)
-    own_val = TaskData("t", digits.class_names, (), {"train": digits.split("train"), "val": digits.split("test"),
-                                                     "test": digits.split("test")})
-    task = learning_splits(own_val, "val", 0)
-    train, val = task.split("train")[0], task.split("val")[0]
-    assert len(train) + len(val) == 200 and not flat(train) & flat(val)
-    assert flat(train) <= flat(digits.split("test")[0])  # nothing of the fine-tuning split
+        learning_splits(no_val, "val", 0)
+    carved = learning_splits(no_val, "train", 0)
+    assert len(carved.split("train")[0]) + len(carved.split("val")[0]) == 900
