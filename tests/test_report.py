@@ -62,7 +62,7 @@ def test_report_script_rebuilds_figures(short_run):
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     proc = run_inline(str(tmp_path), script="report.py")
-    assert proc.returncode == 2 and "posterior.nc" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert proc.returncode == 2 and "holds no run" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
 def test_notebook_executes_top_to_bottom_and_draws(short_run):
