@@ -141,13 +141,16 @@ def plot_class_frequencies(idata, path: Path) -> Path:
     check = class_frequency_check(idata)
     names = [str(c) for c in check["class"].values]
     x = np.arange(len(names))
-    fig, ax = new_figure(figsize=(max(6.5, 0.45 * len(names) + 2), 4.4))
+    fig, ax = new_figure(figsize=(min(14.0, max(6.5, 0.45 * len(names) + 2)), 4.4))  # many classes: no wider
     predicted = check["predicted"].values
     err = np.stack([predicted - check["low"].values, check["high"].values - predicted])
     ax.bar(x, predicted, width=0.6, color="tab:blue", alpha=0.5, yerr=err, capsize=3,
            label="drawn from the predictive (mean, 90 % interval)")
     ax.plot(x, check["observed"].values, "o", color="black", label="observed")
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    if len(names) <= 40:  # beyond that the names are unreadable: the bars keep the class order
+        ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    else:
+        ax.set_xlabel(f"class (index of {len(names)})")
     lpd = heldout_log_predictive_density(idata)
     ax.set(ylabel="images", title=f"Class frequencies of {lpd['n']} held-out test images\n"
                                   f"log predictive density {lpd['elpd']:.1f} ± {lpd['se']:.1f}")
@@ -341,6 +344,7 @@ def plot_shot_curves(rows: list[dict], path: Path) -> Path:
     """Test accuracy against learning images per class (transfer) or per task (addition), one panel
     per target, mean ± sd over seeds (rows of :func:`vtvc_pyro.tables.shot_curves`)."""
     targets = list(dict.fromkeys(r["target"] for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}  # one per method, all panels
     fig, axes = new_figure(1, len(targets), figsize=(4.2 * len(targets) + 1.8, 3.8), squeeze=False)
     for ax, target in zip(axes[0], targets):
         mine = [r for r in rows if r["target"] == target]
@@ -349,8 +353,10 @@ def plot_shot_curves(rows: list[dict], path: Path) -> Path:
             points = [next((r for r in mine if r["shots"] == k and r["method"] == method), None) for k in shots]
             xs = [i for i, p in enumerate(points) if p]
             ax.errorbar(xs, [points[i]["accuracy"] for i in xs], yerr=[points[i]["accuracy_sd"] for i in xs],
-                        marker="o", ms=3, capsize=2, label=method)
+                        marker="o", ms=3, capsize=2, label=method, color=colors[method])
         ax.set_xticks(range(len(shots)), shots)
         ax.set(xlabel="learning images per class (addition: per task)", ylabel="test accuracy %", title=target)
-    legend_outside(axes[0][-1])
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                       borderaxespad=0.0, fontsize="small")
     return save_figure(fig, path)
