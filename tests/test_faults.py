@@ -10,7 +10,6 @@ import signal
 import threading
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from vtvc_pyro.bank import store
@@ -230,21 +229,6 @@ def test_metrics_are_strict_json_and_bad_fits_are_flagged(tmp_path):
     addition = {"methods": {"vtvc": {"val": {"average": {"accuracy": 0.9}}},
                             "zeroshot": {"val": {"average": {"accuracy": 0.6}}}}}
     assert fit_warnings(addition) == []
-
-
-def test_checkpoint_advice_is_true_when_no_checkpoint_exists():
-    from vtvc_pyro.bayes.svi import fit_svi
-    from vtvc_pyro.config import SVIConfig
-    from vtvc_pyro.data.split import Split
-    from vtvc_pyro.errors import NumericalError
-
-    from .test_vtvc import tiny_problem
-
-    model, guide, x, f, y = tiny_problem()
-    with torch.no_grad():
-        guide.heads["slab_loc"][2].bias.fill_(float("nan"))
-    with pytest.raises(NumericalError, match="no checkpoint had been written yet"):
-        fit_svi(model, guide, Split(x, f, y), Split(x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
 
 
 def test_a_run_config_missing_settings_says_what_it_fills_in(monkeypatch):

@@ -94,7 +94,7 @@ def test_nan_stops_the_fit_naming_the_step():
     model, guide, x, f, y = tiny_problem()
     with torch.no_grad():
         guide.heads["slab_loc"][2].bias.fill_(float("nan"))
-    with pytest.raises(NumericalError, match="SVI step 1"):
+    with pytest.raises(NumericalError, match="SVI step 1 .*no checkpoint had been written yet"):  # true advice
         fit_svi(model, guide, Split(x, f, y), Split(x, f, y), SVIConfig(steps=3, eval_every=1), progress=False)
     # skipping them is allowed, but a fit whose steps were mostly skipped is not a fit
     with pytest.raises(NumericalError, match="3 of 3 SVI steps were skipped as non-finite"):
