@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -198,9 +199,15 @@ CURVE_METHODS = ("vtvc", "router", "flat_twin", "atlas", "zeroshot")
 ``vtvc_mc``: a run keeps the one of the two that lost on val, so their rows would be biased)."""
 
 
+def layout_scores(scores: dict) -> dict:
+    """A method's scores (or its ``val`` scores) in either metrics layout: task addition keeps them
+    under ``average`` (over tasks), transfer at the top."""
+    return scores.get("average", scores)
+
+
 def _score(method: dict) -> tuple[float, float]:
-    """(accuracy, NLL) of a method in either metrics layout (task addition: the average over tasks)."""
-    scores = method.get("average", method)
+    """(accuracy, NLL) of a method in either metrics layout."""
+    scores = layout_scores(method)
     return scores["accuracy"], scores["nll"]
 
 
@@ -250,15 +257,12 @@ def _curve_rows(target: str, shots: str, runs: list[dict]) -> list[dict]:
 
 def _mean(values) -> float:
     values = [v for v in values if v is not None]  # a diverged run's NaN is null in strict JSON
-    return sum(values) / len(values) if values else math.nan
+    return statistics.fmean(values) if values else math.nan
 
 
 def _sd(values) -> float:
     values = [v for v in values if v is not None]
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def curves_markdown(rows: list[dict]) -> str:

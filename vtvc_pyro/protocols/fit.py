@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..io import resolve_device
 from ..methods import baselines
 from ..run_folder import RunFolder, device_description
+from ..tables import layout_scores
 from .addition import Addition
 from .fitting import SPLITS, FitProtocol, fit_vtvc, posterior_data, prediction_tensors, run_record
 from .transfer import Transfer
@@ -175,14 +176,10 @@ def fit_warnings(metrics: dict) -> list[str]:
                    "try more --svi.steps")
     if svi.get("skipped_steps"):
         out.append(f"{svi['skipped_steps']} SVI steps were skipped as non-finite")
-    val = {name: _val_accuracy(methods[name]) for name in ("vtvc", "zeroshot") if name in methods}
+    val = {name: layout_scores(methods[name].get("val", {})).get("accuracy") for name in ("vtvc", "zeroshot")
+           if name in methods}
     if None not in val.values() and len(val) == 2 and val["vtvc"] < val["zeroshot"]:
         out.append(f"VTVC's val accuracy ({100 * val['vtvc']:.1f} %) is below zero-shot's ({100 * val['zeroshot']:.1f} %): "
                    "the fit failed; check the data, --svi.lr and --svi.steps")
     return out
 
-
-def _val_accuracy(method: dict) -> float | None:
-    """A method's val accuracy in either metrics layout (task addition: the average over tasks)."""
-    val = method.get("val", {})
-    return val.get("accuracy", val.get("average", {}).get("accuracy"))

@@ -41,7 +41,7 @@ from ..evaluate import (
     per_image_scores,
     selection_accuracy,
 )
-from ..methods import baselines
+from ..methods import baselines, merges
 from ..run_folder import FORMAT as RUN_FOLDER_FORMAT
 from ..run_folder import RunFolder, device_description, environment
 
@@ -345,10 +345,7 @@ def choose_prediction(methods: dict[str, dict[str, torch.Tensor]], val_labels: t
     Returns:
         ``{"vtvc": "mean" | "mc", "val_nll": {"mean": ..., "mc": ...}, "rule": ...}`` (``metrics.json``'s ``prediction``).
     """
-    nll = {}
-    for kind, name in PREDICTIONS.items():
-        probs = methods[name]["val"]
-        nll[kind] = float(-probs.gather(-1, val_labels.to(probs.device)[:, None]).clamp_min(1e-12).log().mean())
+    nll = {kind: merges.nll(methods[name]["val"], val_labels) for kind, name in PREDICTIONS.items()}
     chosen = "mean" if nll["mean"] <= nll["mc"] else "mc"
     return {"vtvc": chosen, "val_nll": nll, "rule": "lowest val NLL"}
 
