@@ -156,3 +156,18 @@ def test_addition_benchmark_rows_on_the_tiny_model(tmp_path, capsys):
     assert "| tiny | 2 | 8 | 758 | 8 | low-rank r = 16 | vtvc K=2 |" in printed
     assert cli_main(["bench", "addition", "--from_json", str(out)]) == 0
     assert capsys.readouterr().out.count("| tiny |") == len(rows) + 2
+
+
+def test_gradient_benchmark_measures_both_gatings_on_a_fitted_run(short_run, tmp_path, capsys):
+    run, _ = short_run
+    out = tmp_path / "gradients.json"
+    assert cli_main(["bench", "gradients", str(run), "--batch", "8", "--seeds", "3", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["gating"]: r for r in result["rows"]}
+    assert set(rows) == {"drop", "expect"} and result["batch"] == 8 and result["fitted_with"] == "expect"
+    assert rows["drop"]["variance_ratio"] == 1.0 and rows["expect"]["seeds"] == 3
+    assert all(r["total_variance"] > 0 and r["loss_sd"] >= 0 for r in rows.values())
+    assert rows["expect"]["variance_ratio"] == pytest.approx(rows["expect"]["total_variance"] / rows["drop"]["total_variance"])
+    assert "| expect |" in capsys.readouterr().out
+    assert cli_main(["bench", "gradients", str(run), "--gatings", "[sometimes]"]) == 2

@@ -124,6 +124,24 @@ def test_print_config_replays_and_a_run_record_is_ignored(tmp_path, capsys):
     assert "--run" not in parser.format_help() and "--run " not in _subparser(parser, ("fit",)).format_help()
 
 
+def test_each_protocol_takes_its_own_defaults_unless_a_flag_or_file_sets_them(tmp_path):
+    from vtvc_pyro.cli import _parse
+
+    def fit(*argv):
+        return _parse(["fit", *argv]).fit
+
+    transfer, addition = fit(), fit("--protocol", "addition")
+    assert (transfer.model, transfer.svi.steps, transfer.svi.lr) == ("hierarchical", 600, 5e-3)
+    assert (addition.model, addition.svi.steps, addition.svi.lr) == ("flat", 1500, 1e-2)
+    mine = fit("--protocol", "addition", "--model", "hierarchical", "--svi.steps", "9")
+    assert (mine.model, mine.svi.steps, mine.svi.lr) == ("hierarchical", 9, 1e-2)
+    (tmp_path / "c.json").write_text(json.dumps({"protocol": "addition", "svi": {"lr": 0.5}}))
+    from_file = fit("--config", str(tmp_path / "c.json"))
+    assert (from_file.model, from_file.svi.steps, from_file.svi.lr) == ("flat", 1500, 0.5)
+    python = FitConfig.for_protocol("addition", seed=3, svi={"steps": 20})
+    assert (python.model, python.svi.steps, python.svi.lr, python.seed) == ("flat", 20, 1e-2, 3)
+
+
 def test_every_fit_setting_has_a_flag():
     fit = build_parser().parse_args(["fit"]).fit
     from dataclasses import fields

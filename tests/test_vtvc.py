@@ -8,7 +8,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from vtvc_pyro import backbone
-from vtvc_pyro.bayes.guide import GUIDES, keep_rule, make_guide
+from vtvc_pyro.bayes.guide import GUIDES, keep_rule, make_guide, sample_sites
 from vtvc_pyro.bayes.model import VTVCModel
 from vtvc_pyro.bayes.priors import PRIORS, bernoulli_kl, make_prior
 from vtvc_pyro.bayes.predictive import sample_probs
@@ -22,13 +22,14 @@ from vtvc_pyro.data.split import Split
 from .conftest import random_bank
 
 
-def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3, guide_name="amortized_gated"):
+def tiny_problem(prior_name="spike_slab", granularity="block", num_tasks=3, guide_name="amortized_gated", **settings):
     model, _, _, bank = random_bank(num_tasks=num_tasks)
     composer = Composer(model.visual, bank, granularity)
     head = F.normalize(torch.randn(4, 64), dim=-1) * 10
     prior = make_prior(prior_name)
     vtvc = VTVCModel(composer, head, prior)
-    guide = make_guide(guide_name, feature_dim=64, num_tasks=num_tasks, num_groups=composer.num_groups, prior=prior)
+    guide = make_guide(guide_name, feature_dim=64, num_tasks=num_tasks, num_groups=composer.num_groups, prior=prior,
+                       **settings)
     images = torch.randn(5, 3, 16, 16)
     return vtvc, guide, images, backbone.image_features(model, images), torch.randint(0, 4, (5,))
 
@@ -64,8 +65,7 @@ def test_vectorized_particles_broadcast(prior_name):
     assert torch.isfinite(torch.tensor(loss))
 
 
-def test_gate_rule_is_hard_at_prediction_time_and_off_in_training():
-    _, guide, _, f, _ = tiny_problem()
+def test_keep_rule_threshold_rises_with_uncertainty():
     loc = torch.tensor([0.0, 0.04, 0.2, -0.5, 0.2])
     scale = torch.tensor([0.1, 0.001, 0.5, 0.01, 0.5])
     size = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.1])  # the last: a task vector a tenth of its block's mean size
@@ -73,14 +73,74 @@ def test_gate_rule_is_hard_at_prediction_time_and_off_in_training():
     threshold = 0.05 * (1 + torch.tanh(scale / (loc.abs() + 1e-8)))
     assert torch.equal(hard, (loc.abs() * size >= threshold).float())
     assert hard.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_drop_gating_is_hard_at_prediction_time_and_off_in_training():
+    _, guide, _, f, _ = tiny_problem(gating="drop")
+    with torch.no_grad():
+        guide.heads["slab_loc"][2].bias[::2].fill_(0.5)  # half the components reliable, half near zero
     guide.train()
     assert (guide.posterior_params(f)["gate"]["keep"] == 1).all()
     guide.eval()
     params = guide.posterior_params(f)
     dropped = params["gate"]["keep"] == 0
+    assert 0 < dropped.float().mean() < 1 and (params["gate"]["fixed"] == 0).all()
     lam, gate = guide.sample_coefficients(f, 8)
     assert set(gate.unique().tolist()) <= {0.0, 1.0}
     assert (lam[:, dropped] == 0).all()  # a dropped component is deterministically zero
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_expected_gating_holds_reliable_gates_at_their_expectation(training):
+    _, guide, _, f, _ = tiny_problem()
+    with torch.no_grad():
+        guide.heads["slab_loc"][2].bias[::2].fill_(0.5)
+    guide.train(training)
+    gate = guide.posterior_params(f)["gate"]
+    held = gate["fixed"] == 1
+    assert 0 < held.float().mean() < 1  # the rule acts in training too
+    assert torch.equal(gate["keep"], torch.ones_like(held.float()) if training else held.float())
+    local, _ = guide.sample_posterior(f, 32)
+    assert torch.equal(local["gate"][:, held], gate["probs"][held].expand(32, -1))  # no draw: q(gate = 1)
+    # the unreliable ones draw in training and are dropped at prediction
+    assert set(local["gate"][:, ~held].unique().tolist()) == ({0.0, 1.0} if training else {0.0})
+
+
+def test_expected_gate_passes_the_gradient_to_its_logit():
+    model, guide, x, f, _ = tiny_problem()
+    with torch.no_grad():
+        guide.heads["slab_loc"][2].bias.fill_(0.5)  # every component reliable: every gate held
+    params = guide.posterior_params(f)
+    assert (params["gate"]["fixed"] == 1).all()
+    lam = guide.prior.combine(sample_sites(guide.prior, params, 1, 0.1))
+    model.logits(x, lam).logsumexp(-1).sum().backward()
+    assert guide.heads["gate_logit"][2].bias.grad.abs().sum() > 0  # the likelihood reaches the logits
+
+
+def test_elbo_of_the_gated_estimator_equals_a_hand_computation():
+    """Pyro's loss on one draw equals the hand-computed ELBO of the same draw: the scaled
+    log-likelihood of λ = gate · slab (held gates at q(gate = 1), the others drawn) minus the
+    closed-form spike-and-slab KL, both scaled by N / n and the KL by its weight."""
+    model, guide, x, f, y = tiny_problem()
+    with torch.no_grad():
+        guide.heads["slab_loc"][2].bias[::2].fill_(0.5)
+    kw = dict(num_data=50, kl_weight=0.3)
+    pyro.set_rng_seed(7)
+    trace = poutine.trace(guide).get_trace(x, f, y, **kw)
+    pyro.set_rng_seed(7)
+    loss = Trace_ELBO().loss(model, guide, x, f, y, **kw)
+    params = guide.posterior_params(f)
+    gate, slab, probs = trace.nodes["gate"]["value"], trace.nodes["slab"]["value"], params["gate"]["probs"]
+    held = params["gate"]["fixed"] == 1
+    assert held.any() and torch.equal(gate[held], probs[held])
+    with torch.no_grad():
+        log_lik = torch.log_softmax(model.logits(x, gate * slab), -1)[torch.arange(5), y].sum()
+        loc, scale = params["slab"]["loc"], params["slab"]["scale"]
+        normal = torch.log(1 / scale) + (scale**2 + loc**2) / 2 - 0.5  # against N(0, 1)
+        bern = probs * torch.log(probs / 0.5) + (1 - probs) * torch.log((1 - probs) / 0.5)
+        kl = (probs * normal + bern).sum()
+    elbo = 50 / 5 * (log_lik - 0.3 * kl)
+    assert -loss == pytest.approx(float(elbo), rel=1e-5, abs=1e-4)
 
 
 def test_task_level_gate_switches_whole_tasks():
@@ -189,3 +249,20 @@ def test_elbo_rises_on_the_real_bank(loaded_bank):
     fit = fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=80, eval_every=40), progress=False)
     first, last = sum(fit.elbo_trace[:15]) / 15, sum(fit.elbo_trace[-15:]) / 15
     assert last > first + 50, (first, last)
+
+
+def test_holding_reliable_gates_lowers_the_gradient_variance():
+    """Same parameters, batch and seeds: the expected gate removes the reliable gates' draws from the
+    gradient's noise (the benchmark measures it on fitted runs: docs/benchmarks.md)."""
+    from vtvc_pyro.bayes.gradients import gradient_spread
+
+    spread = {}
+    for gating in ("drop", "expect"):
+        model, guide, x, f, y = tiny_problem(gating=gating)
+        with torch.no_grad():
+            guide.heads["slab_loc"][2].bias.fill_(0.5)  # every component reliable
+        batch = Split(x, f, y)
+        settings = {"num_data": 50, "kl_weight": 0.01, "temperature": 0.5}
+        spread[gating] = gradient_spread(model, guide, batch, settings, SVIConfig(), seeds=12)
+    assert spread["expect"]["total_variance"] < 0.5 * spread["drop"]["total_variance"], spread
+    assert spread["expect"]["seeds"] == 12 and spread["expect"]["loss_sd"] < spread["drop"]["loss_sd"]

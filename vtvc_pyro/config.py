@@ -99,6 +99,7 @@ class SVIConfig:
         global_lr: learning rate of the global posterior's constants (the hierarchical model's λ̄ and ρ).
         weight_decay: AdamW weight decay of the guide's weight matrices.
         kl_weight: scale of every KL term (1 with kl_reduction=sum: the plain ELBO of the model).
+        local_kl_weight: scale of the per-image latents' KL instead (the hierarchical model's component and routes; every latent of the flat model); null: kl_weight.
         kl_reduction: mean divides kl_weight by the T·G coefficients per image (authors' code); sum does not.
         kl_anneal_steps: ramp the KL weight linearly from 0 over this many steps (0: no annealing).
         num_particles: ELBO particles per step (vectorized when > 1).
@@ -119,6 +120,7 @@ class SVIConfig:
     global_lr: float = 0.1
     weight_decay: float = 0.01
     kl_weight: float = 0.01
+    local_kl_weight: Optional[float] = None
     kl_reduction: Literal["mean", "sum"] = "sum"
     kl_anneal_steps: int = 0
     num_particles: int = 1
@@ -143,6 +145,19 @@ class SVIConfig:
             raise ConfigError(f"kl_reduction must be 'mean' or 'sum', got {self.kl_reduction!r}")
         if not self.kl_weight > 0:
             raise ConfigError(f"kl_weight must be > 0 (Pyro cannot scale a site by 0), got {self.kl_weight}")
+        if self.local_kl_weight is not None and not self.local_kl_weight > 0:
+            raise ConfigError(f"local_kl_weight must be > 0 or null, got {self.local_kl_weight}")
+
+
+PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transfer": {},
+    "addition": {"model": "flat", "svi.steps": 1500, "svi.lr": 1e-2},
+}
+"""Each protocol's own defaults where they differ from :class:`FitConfig`'s (the transfer
+protocol's), chosen on val (docs/results.md): task addition fits the flat model for 1,500 steps at
+lr 1e-2 (val NLL 0.276 / 0.281 / 0.288 against the hierarchical model's best 0.367 / 0.352 / 0.321
+over seeds 0-2; best val steps 650-1,250). The command line applies them where neither a
+``--config`` file nor a flag sets the field; in Python, :meth:`FitConfig.for_protocol`."""
 
 
 @dataclass
@@ -166,7 +181,8 @@ class FitConfig:
         route_a: hierarchical model: Beta(a, b) prior of each task vector's use rate, a.
         route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
         granularity: one coefficient per (task, block), per (task, layer) or per task.
-        tau0: keep-rule threshold: the smallest |λ| on a task vector of its block's mean size (prediction time).
+        gating: what the keep rule does: expect holds the gates of reliable components at their expectation in training and prediction (less gradient variance); drop drops unreliable components at prediction only (runs before this setting).
+        tau0: keep-rule threshold: the smallest |λ| on a task vector of its block's mean size.
         beta: keep-rule threshold slope in the uncertainty.
         slab_mean_init: initial slab mean of every coefficient (0.3: AdaMerging's start).
         gate_logit_init: initial gate logit (null: the prior's inclusion logit).
@@ -198,6 +214,7 @@ class FitConfig:
     route_a: float = 1.0
     route_b: float = 1.0
     granularity: Granularity = "block"
+    gating: Literal["expect", "drop"] = "expect"
     tau0: float = 0.05
     beta: float = 1.0
     slab_mean_init: float = 0.3
@@ -213,6 +230,18 @@ class FitConfig:
     logger: Literal["none", "tensorboard"] = "none"
     svi: SVIConfig = field(default_factory=SVIConfig)
 
+    @classmethod
+    def for_protocol(cls, protocol: str, **overrides) -> FitConfig:
+        """The settings of ``protocol`` with its :data:`PROTOCOL_DEFAULTS`, then ``overrides`` by field
+        name (``svi`` fields as ``svi={"steps": 300}``, applied over the protocol's)."""
+        if protocol not in PROTOCOL_DEFAULTS:
+            raise ConfigError(f"unknown protocol {protocol!r}: use {' or '.join(PROTOCOL_DEFAULTS)}")
+        preset = PROTOCOL_DEFAULTS[protocol]
+        svi = {k.split(".", 1)[1]: v for k, v in preset.items() if k.startswith("svi.")}
+        top = {k: v for k, v in preset.items() if not k.startswith("svi.")}
+        svi.update(overrides.pop("svi", {}) or {})
+        return cls(**{**top, "protocol": protocol, **overrides, "svi": SVIConfig(**svi)})
+
     def validate(self) -> None:
         self.svi.validate()
         if self.logger not in ("none", "tensorboard"):
@@ -227,6 +256,8 @@ class FitConfig:
             raise ConfigError(f"shots must be a positive number of images (or null for all), got {self.shots}")
         if self.fit_split not in ("train", "val"):
             raise ConfigError(f"fit_split must be train or val, got {self.fit_split!r}")
+        if self.gating not in ("expect", "drop"):
+            raise ConfigError(f"unknown gating {self.gating!r}: use expect or drop")
         if self.granularity not in ("block", "layer", "task"):
             raise ConfigError(f"unknown granularity {self.granularity!r}: use block, layer or task")
         if self.eval_samples <= 0 or self.posterior_samples < 0:
@@ -348,7 +379,7 @@ class BenchCompositionConfig:
         layers: ViT-B/32 blocks (12: the whole tower).
         tasks: numbers of task vectors.
         batch: batch sizes.
-        strategies: strategies to measure (base, functional, lowrank, materialize, linear, auto, shared, naive, naive-lowrank).
+        strategies: strategies to measure (base, functional, lowrank, materialize, linear, auto, shared, naive, naive-lowrank; predict: VTVC's one-pass prediction on the low-rank bank, base features + guide + one composed pass, forward only).
         rank: rank of the low-rank task vectors.
         dtype: task-vector storage dtype.
         repeats: timed runs of ViT-B/32.
@@ -570,6 +601,27 @@ class NegateCommand(_Quiet, _Overwrite, NegationConfig):
     """
 
     out: Optional[str] = "runs/negation"
+
+
+@dataclass(kw_only=True)
+class BenchGradientsConfig:
+    """The ELBO gradient's variance of a fitted run on one fixed batch, under each gating.
+
+    Args:
+        run_dir: a folder written by `vtvc fit` (its guide's parameters are used as fitted).
+        gatings: gatings to measure (expect: reliable gates held at their expectation; drop: every gate drawn in training); the first is the reference of the ratio.
+        batch: images in the fixed batch (drawn from the learning split with the run's seed).
+        seeds: independent posterior draws per gating (the same seeds for each).
+        device: auto, cpu or cuda[:N].
+        out: also write the result to this JSON file.
+    """
+
+    run_dir: str = positional()
+    gatings: list[str] = field(default_factory=lambda: ["drop", "expect"])
+    batch: int = 64
+    seeds: int = 40
+    device: str = "auto"
+    out: Optional[str] = None
 
 
 @dataclass(kw_only=True)

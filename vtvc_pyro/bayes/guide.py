@@ -4,18 +4,37 @@ An inference network reads the frozen base image features ``e_i`` of a sample an
 parameters of every latent site the prior declares (for the default spike-and-slab: per (task,
 group) the slab mean μ, the slab log-variance (clamped) and the gate logit ℓ).
 
-Gated sampling (:func:`keep_rule`): at prediction time a component is *kept* when its importance
-beats a threshold that rises with its uncertainty,
+Gated sampling (:func:`keep_rule`): a component is *reliable* when its importance beats a
+threshold that rises with its uncertainty,
 
-    keep = 1[ |μ| · n_tg ≥ τ0 (1 + β tanh(σ / |μ|)) ],
+    reliable = 1[ |μ| · n_tg ≥ τ0 (1 + β tanh(σ / |μ|)) ],
 
 where ``n_tg`` is the size of the component's task vector relative to the other tasks' vectors of
 the same block (see :meth:`~vtvc_pyro.compose.engine.Composer.component_scales`), so that τ0 means the same
-for a large and a small task vector. The rule is applied after training only, as a hard 0/1 on
-the gate's inclusion probability, q(gate = 1) = sigmoid(ℓ) · keep: a dropped component is exactly
-zero and adds no sampling variance. (Applied in training as a soft sigmoid, as the authors'
-development code does, it multiplies q(gate = 1) by a value below 1 and so *raises* the gate's
-variance.) τ0 and β are hyperparameters chosen on val.
+for a large and a small task vector. What the rule does is the guide's ``gating`` setting:
+
+- ``expect`` (default; the same rule in training and prediction): importance is the size of the
+  expected coefficient, |γ μ| · n_tg against τ0 (1 + β tanh(σ / |μ|)) with γ = sigmoid(ℓ) (a
+  gate that is mostly off is not important). A reliable component uses its gate at its
+  expectation γ instead of a 0/1 draw, λ = γ · s with the slab s still drawn, in training and in
+  every prediction draw. An unreliable one draws its gate in training (so it keeps a likelihood
+  gradient and can become reliable) and is dropped at prediction, exactly zero. Why: the gate draw
+  is the main source of the ELBO gradient's variance (a hard 0/1 switch of a whole task-vector
+  block), and for an important component whose slab is far from zero relative to its spread the
+  draw carries little information the expectation does not. Replacing z by E[z] is the
+  deterministic, mean-field approximation E_z f(z s) ≈ f(E[z] s) of the likelihood term for those
+  components (exact when γ is 0 or 1; the KL stays the exact spike-and-slab KL), so the loss is
+  the ELBO of the gated estimator, not of all-sampled gates. γ keeps a pathwise gradient through
+  λ = γ s (a naive "held at 1" would leave the logit with the KL's gradient alone), and the rule
+  is a decision made on detached parameters, so it sends no gradient itself. The one-pass
+  prediction E[λ] = γ μ is the value a reliable component takes in every draw.
+- ``drop`` (runs that predate ``expect``): training draws every gate; at prediction a component
+  that fails the rule is dropped, q(gate = 1) = 0. (Applied in training as a soft sigmoid, as the
+  authors' development code does, it multiplies q(gate = 1) by a value below 1 and so *raises* the
+  gate's variance.)
+
+The expected gate needs the gate's KL in closed form (the prior's ``kl_sites``): a gate held at a
+value has no Monte Carlo density. τ0 and β are hyperparameters chosen on val.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions import constraints
 from torch.distributions.utils import clamp_probs
 
 from ..errors import ConfigError
@@ -43,33 +63,88 @@ def keep_rule(loc: torch.Tensor, scale: torch.Tensor, component_scale: torch.Ten
     return (importance >= tau0 * (1 + beta * uncertainty)).to(loc.dtype)
 
 
-def gate_site_probs(prior: Prior, params: dict, component_scale: torch.Tensor, tau0: float, beta: float,
-                    apply_rule: bool) -> None:
-    """Add ``keep`` and ``probs`` = sigmoid(logit) · keep to the gate's parameters in ``params``, in place.
+GATINGS = ("expect", "drop")
+"""What the keep rule does: hold reliable gates at their expectation (training and prediction) or
+drop unreliable components at prediction only (see the module docstring)."""
 
-    The keep rule (when ``apply_rule``) acts on the value site's point estimate and spread (median
-    and its spread for a positive site), reduced to the gate's shape (one gate per task: mean over
-    its groups); without it ``keep`` is ones. Shapes: any leading dims (``[N]``, ``[K]`` or none).
+
+def gate_site_probs(prior: Prior, params: dict, component_scale: torch.Tensor, tau0: float, beta: float,
+                    gating: str | None, predicting: bool) -> None:
+    """Add ``reliable``, ``keep``, ``fixed`` and ``probs`` to the gate's parameters in ``params``, in place.
+
+    The keep rule acts on the value site's point estimate and spread (median and its spread for a
+    positive site, detached: the rule is a decision, not a path for gradients), reduced to the
+    gate's shape (one gate per task: mean over its groups), and with ``expect`` scaled by
+    q(gate = 1), so that importance is the expected coefficient's size. ``reliable`` is its result
+    (ones where it does not act: ``gating`` ``None``, or ``drop`` in training). ``keep`` drops the
+    unreliable components at prediction (zeros there; ones in training), ``probs`` =
+    sigmoid(logit) · keep, and ``fixed`` marks the gates held at their expectation (``expect``,
+    training and prediction; zeros otherwise). Shapes: any leading dims (``[N]``, ``[K]`` or none).
     """
     gate = params[prior.gate_site]
-    if not apply_rule:
-        keep = torch.ones_like(gate["logit"])
-    else:
+    ones = torch.ones_like(gate["logit"])
+    reliable = ones
+    if gating == "expect" or (gating == "drop" and predicting):
         value = params[prior.value_site]
-        point, spread, scale = value["loc"], value["scale"], component_scale
+        point, spread, scale = value["loc"].detach(), value["scale"].detach(), component_scale
         if next(s for s in prior.sites if s.name == prior.value_site).support == "positive":
             point = point.exp()
             spread = point * spread
         while point.dim() > gate["logit"].dim():
             point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
-        keep = keep_rule(point, spread, scale, tau0, beta)
-    gate.update(keep=keep, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
+        if gating == "expect":  # importance of the expected coefficient γ·μ: a gate that is mostly off is not held
+            point, spread = point * torch.sigmoid(gate["logit"].detach()), spread * torch.sigmoid(gate["logit"].detach())
+        reliable = keep_rule(point, spread, scale, tau0, beta)
+    keep = reliable if predicting else ones
+    held = gating == "expect" and prior.gate_site in prior.kl_sites
+    fixed = reliable if held else torch.zeros_like(ones)
+    gate.update(keep=keep, fixed=fixed, reliable=reliable, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
+
+
+class ExpectedGate(dist.TorchDistribution):
+    """A gate that is held at its expectation where ``fixed`` is 1 and drawn elsewhere.
+
+    The draw is the relaxed-Bernoulli straight-through draw (exact 0/1 forward, relaxed gradient);
+    a held gate is ``probs`` itself, so its value carries the pathwise gradient of ``probs``. Used
+    only for gates whose KL is added in closed form (masked sites): :meth:`log_prob` scores the
+    drawn gates and gives 0 to the held ones (a point mass).
+
+    Args:
+        temperature: the relaxation's temperature (scalar tensor).
+        probs: ``[*B]`` q(gate = 1); fixed: ``[*B]`` 0/1.
+    """
+
+    arg_constraints = {"probs": constraints.unit_interval}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(self, temperature: torch.Tensor, probs: torch.Tensor, fixed: torch.Tensor, validate_args=None):
+        self.temperature, self.probs = temperature, probs
+        self.fixed = torch.broadcast_to(fixed, probs.shape)
+        self.draw = dist.RelaxedBernoulliStraightThrough(temperature, probs=probs)
+        super().__init__(probs.shape, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return ExpectedGate(self.temperature, self.probs.expand(shape), self.fixed.expand(shape))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.probs
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        drawn = self.draw.rsample(sample_shape)
+        return torch.where(self.fixed.bool(), self.probs.expand_as(drawn), drawn)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.fixed.bool(), torch.zeros_like(value), self.draw.log_prob(value))
 
 
 def site_posterior(prior: Prior, site: Site, p: dict, temperature: float, values: dict) -> dist.Distribution:
     """q of ``site`` from its parameters ``p``, given the values drawn for the sites before it."""
     if site.support == "binary":
-        q = dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"])
+        q = (ExpectedGate(p["probs"].new_tensor(temperature), p["probs"], p["fixed"]) if "fixed" in p
+             else dist.RelaxedBernoulliStraightThrough(p["probs"].new_tensor(temperature), probs=p["probs"]))
     elif site.support == "positive":
         q = dist.LogNormal(p["loc"], p["scale"])
     else:
@@ -142,7 +217,10 @@ class GuideSettings:
     Attributes:
         hidden: hidden width of the networks (default: ``max(D // 4, T·G)`` for the flat guide's
             heads, as in the authors' code; ``max(D // 4, T)`` for the hierarchical router).
-        gate_rule: apply the deterministic keep rule (:func:`keep_rule`) at prediction time.
+        gate_rule: apply the deterministic keep rule (:func:`keep_rule`).
+        gating: what the rule does (:data:`GATINGS`): ``expect`` holds reliable gates at their
+            expectation in training and prediction; ``drop`` drops unreliable components at
+            prediction only (the module docstring says why the first is the default).
         tau0, beta: the keep rule's threshold parameters.
         init_std: std of the networks' initial weights and biases.
         slab_mean_init, gate_logit_init, slab_logvar_init: the initial posterior: added to the output
@@ -154,6 +232,7 @@ class GuideSettings:
 
     hidden: int | None = None
     gate_rule: bool = True
+    gating: str = "expect"
     tau0: float = 0.05
     beta: float = 1.0
     init_std: float = 0.01
@@ -194,6 +273,8 @@ class GatedGuide(PyroModule):
         if settings.tau0 <= 0 or settings.beta < 0:
             raise ConfigError(f"gate threshold needs tau0 > 0 and beta >= 0, got tau0={settings.tau0}, "
                               f"beta={settings.beta}")
+        if settings.gating not in GATINGS:
+            raise ConfigError(f"unknown gating {settings.gating!r}: use {' or '.join(GATINGS)}")
         self.settings = settings
         self.num_tasks, self.num_groups = num_tasks, num_groups
         self.prior = prior
@@ -201,6 +282,13 @@ class GatedGuide(PyroModule):
         self.gate_rule = settings.gate_rule and prior.has_gate
         self.tau0, self.beta = float(settings.tau0), float(settings.beta)
         self.logvar_min, self.logvar_max = settings.logvar_min, settings.logvar_max
+
+    def gate_params(self, params: dict) -> None:
+        """Add the gate's ``reliable``, ``keep``, ``fixed`` and ``probs`` to ``params`` in place
+        (:func:`gate_site_probs`; prediction in eval mode)."""
+        if self.has_gate:
+            gate_site_probs(self.prior, params, self.component_scale, self.tau0, self.beta,
+                            self.settings.gating if self.gate_rule else None, predicting=not self.training)
 
     def _register_component_scale(self, component_scale: torch.Tensor | None) -> None:
         scale = torch.ones(self.num_tasks, self.num_groups) if component_scale is None else component_scale.float()
@@ -271,9 +359,7 @@ class AmortizedGatedGuide(GatedGuide):
             loc = self.heads[f"{site.name}_loc"](features).reshape(shape)
             logvar = self.heads[f"{site.name}_logvar"](features).reshape(shape).clamp(self.logvar_min, self.logvar_max)
             out[site.name] = {"loc": loc, "scale": torch.exp(0.5 * logvar)}
-        if self.has_gate:
-            gate_site_probs(self.prior, out, self.component_scale, self.tau0, self.beta,
-                            apply_rule=self.gate_rule and not self.training)
+        self.gate_params(out)
         return out
 
     def mean_coefficients(self, features: torch.Tensor) -> torch.Tensor:
@@ -281,13 +367,14 @@ class AmortizedGatedGuide(GatedGuide):
         their (conditional) mean, positive sites at their median, combined by the prior."""
         return self.prior.combine(point_values(self.prior, self.posterior_params(features)))
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1,
+                local_kl_weight=None):
         """Pyro guide; mirrors :meth:`VTVCModel.forward` site by site (the prior's sites, in order)."""
         params = self.posterior_params(features)
         num_data = num_data or features.shape[0]
         values = {}
         with pyro.plate("data", num_data, subsample=torch.arange(features.shape[0], device=features.device), dim=-1):
-            with pyro.poutine.scale(scale=kl_weight):
+            with pyro.poutine.scale(scale=kl_weight if local_kl_weight is None else local_kl_weight):
                 for site in self.prior.sites:
                     q = site_posterior(self.prior, site, params[site.name], temperature, values)
                     q = q.to_event(len(site.dims(self.num_tasks, self.num_groups)))

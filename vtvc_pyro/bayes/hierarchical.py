@@ -40,7 +40,8 @@ gate only for ``spike_slab_continuous`` and ``spike_slab_negative``; Monte Carlo
 ``horseshoe``): ``pyro.factor`` in the guide, the sites masked in both. The component's KL comes
 from the enumeration. With ``kl_weight = 1`` and ``kl_reduction = sum`` the loss is the negative
 ELBO of this model; a KL weight below 1 tempers the posterior (a likelihood counted 1 / kl_weight
-times).
+times). ``local_kl_weight`` weighs the per-image latents' KL (component, routes) on its own: 1
+leaves them untempered while the global composition's KL stays tempered.
 
 ``routing=False`` and K = 1 (the ``global`` guide) is task-level VI: λ_i = λ̄ for every image.
 
@@ -68,7 +69,6 @@ from .guide import (
     GatedGuide,
     GuideSettings,
     gate_logit_start,
-    gate_site_probs,
     mlp_head,
     point_values,
     sample_sites,
@@ -159,8 +159,11 @@ class HierarchicalModel(VTVCModel):
         self.route_a, self.route_b = float(route_a), float(route_b)
         self.components = int(components)
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None):
-        """Pyro model; the signature of :meth:`VTVCModel.forward` (``features`` unused here).
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None,
+                local_kl_weight=None):
+        """Pyro model; the signature of :meth:`VTVCModel.forward` (``features`` unused here): the
+        global latents' KL is weighted by ``kl_weight``, the per-image ones' (component, routes) by
+        ``local_kl_weight`` (``None``: ``kl_weight``).
 
         Returns:
             λ ``[*E, *P, N, T, G]`` (``P``: optional particle dims; ``E``: the enumerated component
@@ -168,6 +171,7 @@ class HierarchicalModel(VTVCModel):
         """
         n, t, k = images.shape[0], self.composer.num_tasks, self.components
         num_data = num_data or n
+        local = kl_weight if local_kl_weight is None else local_kl_weight
         with pyro.poutine.scale(scale=kl_weight):
             with components_plate(k):
                 lam_bar = self.prior.sample(t, self.composer.num_groups, images, temperature, name="lam_bar")
@@ -177,12 +181,12 @@ class HierarchicalModel(VTVCModel):
                                       .expand([t]).to_event(1))
         with pyro.plate("data", num_data, subsample=torch.arange(n, device=images.device), dim=-1):
             if k > 1:  # which composition image i follows; the guide enumerates it exactly
-                with pyro.poutine.scale(scale=kl_weight):
+                with pyro.poutine.scale(scale=local):
                     component = pyro.sample("component", dist.Categorical(logits=images.new_zeros(k)))
                 lam_bar = lam_bar[component]  # [K, 1, T, G] enumerated, [N, T, G] sampled
             if self.routing:
                 probs = torch.broadcast_to(rho, (*rho.shape[:-2], n, t))
-                with pyro.poutine.scale(scale=kl_weight), pyro.poutine.mask(mask=False):
+                with pyro.poutine.scale(scale=local), pyro.poutine.mask(mask=False):
                     route = pyro.sample("route", dist.RelaxedBernoulliStraightThrough(
                         images.new_tensor(temperature), probs=clamp_probs(probs)).to_event(1))
                 lam = route[..., None] * lam_bar  # [*P, N, T, 1] * [*P, 1, T, G]
@@ -265,9 +269,7 @@ class HierarchicalGuide(GatedGuide):
                 continue
             logvar = self.composition[f"{site.name}_logvar"].clamp(self.logvar_min, self.logvar_max)
             out[site.name] = {"loc": self.composition[f"{site.name}_loc"], "scale": torch.exp(0.5 * logvar)}
-        if self.prior.has_gate:
-            gate_site_probs(self.prior, out, self.component_scale, self.tau0, self.beta,
-                            apply_rule=self.gate_rule and not self.training)
+        self.gate_params(out)
         return out
 
     def rho_params(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +289,9 @@ class HierarchicalGuide(GatedGuide):
         return clamp_probs(torch.sigmoid(self.router(features)))
 
     # ------------------------------------------------------------ Pyro guide
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1):
-        """Pyro guide; mirrors :meth:`HierarchicalModel.forward` site by site."""
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1,
+                local_kl_weight=None):
+        """Pyro guide; mirrors :meth:`HierarchicalModel.forward` site by site (and its KL weights)."""
         params = self.composition_params()
         dims = {s.name: len(s.dims(self.num_tasks, self.num_groups)) for s in self.prior.sites}
         values = {}
@@ -310,7 +313,7 @@ class HierarchicalGuide(GatedGuide):
         if self.routing or self.components > 1:
             n = features.shape[0]
             with pyro.plate("data", num_data or n, subsample=torch.arange(n, device=features.device), dim=-1):
-                with pyro.poutine.scale(scale=kl_weight):
+                with pyro.poutine.scale(scale=kl_weight if local_kl_weight is None else local_kl_weight):
                     if self.components > 1:
                         pyro.sample("component", dist.Categorical(probs=self.component_probs(features)),
                                     infer={"enumerate": "parallel"})
@@ -374,7 +377,7 @@ class HierarchicalGuide(GatedGuide):
     @torch.no_grad()
     def summary(self) -> dict[str, torch.Tensor]:
         """The global posterior in eval mode: ``inclusion`` (q(gate = 1) after the keep rule),
-        ``lam_bar`` (point values) and ``kept``, each ``[T, G]`` (``[K, T, G]`` with K > 1), and,
+        ``lam_bar`` (point values) and ``kept`` (the components the keep rule finds reliable), each ``[T, G]`` (``[K, T, G]`` with K > 1), and,
         with routing, ``rho_mean [T]``."""
         params = self.composition_params()
         values = point_values(self.prior, params)
@@ -382,7 +385,7 @@ class HierarchicalGuide(GatedGuide):
         ones = torch.ones_like(lam_bar)
         out = {"lam_bar": lam_bar,
                "inclusion": self.prior.inclusion(values) if self.prior.has_gate else ones,
-               "kept": (self.prior.inclusion({**values, self.prior.gate_site: params[self.prior.gate_site]["keep"]})
+               "kept": (self.prior.inclusion({**values, self.prior.gate_site: params[self.prior.gate_site]["reliable"]})
                         if self.prior.has_gate else ones)}
         if self.routing:
             alpha, beta = self.rho_params()

@@ -56,7 +56,8 @@ class VTVCModel(torch.nn.Module):
         feats = self.composer.per_sample(x, flat).reshape(*lead, n, -1)
         return class_logits(feats, self.head, classes)
 
-    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None):
+    def forward(self, images, features, labels=None, num_data=None, kl_weight=1.0, temperature=0.1, classes=None,
+                local_kl_weight=None):
         """Pyro model.
 
         Args:
@@ -66,6 +67,7 @@ class VTVCModel(torch.nn.Module):
             num_data: size of the full data set (the likelihood and local KL are scaled by
                 ``num_data / N``).
             kl_weight: multiplies the latent sites' log densities (the KL weight / annealing).
+            local_kl_weight: the weight of the per-image latents' KL (here: every latent); ``None``: ``kl_weight``.
             temperature: relaxed-Bernoulli temperature of the gate density.
             classes: ``[N, C]`` bool or ``None``, as in :meth:`logits`. The likelihood needs it;
                 SVI withholds it from the guide (:func:`~vtvc_pyro.bayes.svi.image_only`).
@@ -73,7 +75,7 @@ class VTVCModel(torch.nn.Module):
         n = images.shape[0]
         num_data = num_data or n
         with pyro.plate("data", num_data, subsample=torch.arange(n, device=images.device), dim=-1):
-            with pyro.poutine.scale(scale=kl_weight):
+            with pyro.poutine.scale(scale=kl_weight if local_kl_weight is None else local_kl_weight):
                 lam = self.prior.sample(self.composer.num_tasks, self.composer.num_groups, images, temperature)
             self.observe(self.logits(images, lam, classes), labels)
         return lam

@@ -61,14 +61,15 @@ class FitResult:
     skipped_steps: int = 0  # steps skipped as non-finite (svi.skip_nonfinite)
 
 
-def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1) -> float:
+def kl_weight_at(step: int, cfg: SVIConfig, num_coefficients: int = 1, weight: float | None = None) -> float:
     """Scale of the latent sites' log densities at ``step``.
 
     ``kl_reduction="mean"`` divides ``kl_weight`` by the number of coefficients per sample (T·G),
     as the authors' development code averages the KL over them; ``"sum"`` is the plain ELBO
     convention. KL annealing ramps linearly from 0 over ``kl_anneal_steps`` (none when 0).
+    ``weight``: another base weight than ``cfg.kl_weight`` (the local latents').
     """
-    weight = cfg.kl_weight / (num_coefficients if cfg.kl_reduction == "mean" else 1)
+    weight = (cfg.kl_weight if weight is None else weight) / (num_coefficients if cfg.kl_reduction == "mean" else 1)
     if cfg.kl_anneal_steps <= 0:
         return weight
     return weight * min(1.0, step / cfg.kl_anneal_steps)
@@ -167,6 +168,25 @@ class _Step:
     settings: dict
 
 
+def elbo_loss(model, guide, cfg: SVIConfig) -> torch.nn.Module:
+    """The negative ELBO ``fit_svi`` optimises, as a module called with a batch's ``(images, features,
+    labels, num_data=, kl_weight=, temperature=[, classes=])``; a guide that enumerates a discrete
+    site (the mixture's component) gets the enumerating ELBO."""
+    elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
+    return elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
+                    max_plate_nesting=1)(model, image_only(guide))
+
+
+def step_settings(step: int, cfg: SVIConfig, guide, num_data: int) -> dict:
+    """The model's and guide's keyword arguments at ``step``: data size, KL weights, temperature."""
+    coefficients = guide.num_tasks * guide.num_groups
+    settings = {"num_data": num_data, "kl_weight": kl_weight_at(step, cfg, coefficients),
+                "temperature": cfg.train_temperature}
+    if cfg.local_kl_weight is not None:
+        settings["local_kl_weight"] = kl_weight_at(step, cfg, coefficients, cfg.local_kl_weight)
+    return settings
+
+
 def _start(model, guide, train: Split, val: Split, cfg: SVIConfig, seed: int) -> _Fit:
     """Seed, set up data parallelism, and build the ELBO, optimiser, schedule and sampler."""
     pyro.set_rng_seed(seed)
@@ -178,10 +198,7 @@ def _start(model, guide, train: Split, val: Split, cfg: SVIConfig, seed: int) ->
         if cfg.batch_size % distributed.world_size():
             log.warning("batch size %d is not divisible by the world size %d: shards differ in size",
                         cfg.batch_size, distributed.world_size())
-    # a guide that enumerates a discrete site (the mixture's component) needs the enumerating ELBO
-    elbo_cls = TraceEnum_ELBO if getattr(guide, "components", 1) > 1 else ELBOS[cfg.elbo]
-    loss_fn = elbo_cls(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
-                       max_plate_nesting=1)(model, image_only(guide))
+    loss_fn = elbo_loss(model, guide, cfg)
     groups = parameter_groups(guide, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     return _Fit(model, guide, train, val, cfg, seed, loss_fn, [p for p in guide.parameters() if p.requires_grad],
@@ -253,8 +270,7 @@ def _optimisation_step(fit: _Fit, step: int, history: History | None) -> _Step:
     idx = distributed.shard(fit.sampler.next()).to(fit.train.features.device)  # images may be a lazy view: features set the device
     fit.opt.zero_grad(set_to_none=True)
     parts = idx.chunk(cfg.accumulate) if cfg.accumulate > 1 else (idx,)
-    settings = {"num_data": len(fit.train), "kl_weight": kl_weight_at(step, cfg, guide.num_tasks * guide.num_groups),
-                "temperature": cfg.train_temperature}
+    settings = step_settings(step, cfg, guide, len(fit.train))
     loss, finite, grad_norm = _backward(fit, parts, settings)
     lrs = {"lr": fit.opt.param_groups[0]["lr"],  # the rates this step used (before sched.step)
            "global_lr": None if fit.global_group is None else fit.opt.param_groups[fit.global_group]["lr"]}

@@ -32,12 +32,15 @@ import torch
 
 from .. import backbone
 from ..bank.low_rank import LowRankBank, is_matrix_block
+from ..bayes.guide import AmortizedGatedGuide
+from ..bayes.priors import make_prior
 from ..bank.task_vectors import DTYPES, TaskVectorBank
 from ..compose.engine import Composer, vit_forward
 from ..errors import ConfigError
 from ..io import write_json
 
-STRATEGIES = ("base", "functional", "lowrank", "materialize", "linear", "auto", "shared", "naive", "naive-lowrank")
+STRATEGIES = ("base", "functional", "lowrank", "materialize", "linear", "auto", "shared", "naive", "naive-lowrank",
+              "predict")
 SCALE = 0.01  # task-vector entries, about what fine-tuning moves ViT weights
 
 
@@ -174,6 +177,8 @@ def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int, 
             x = images.detach().requires_grad_(True)
             vit_forward(visual, params, x).sum().backward()
         return fwd, fwd_bwd, None
+    if strategy == "predict":
+        return (*prediction_pass(visual, low, images, tasks), None)
     bank = low if strategy in ("lowrank", "naive-lowrank") else dense
     composer = Composer(visual, bank, "block")
     gen = torch.Generator(device="cpu").manual_seed(2)
@@ -208,6 +213,21 @@ def passes(strategy: str, visual, dense, low, images: torch.Tensor, tasks: int, 
     return fwd, fwd_bwd, composer
 
 
+def prediction_pass(visual, low, images: torch.Tensor, tasks: int):
+    """``(forward, forward)`` of VTVC's one-pass prediction on the low-rank bank: the base features
+    the guide reads, the flat guide's gated posterior mean (its MLP), and one per-sample composed
+    pass. There is no backward at prediction: both timings are the forward."""
+    composer = Composer(visual, low, "block")
+    guide = AmortizedGatedGuide(visual.output_dim, tasks, composer.num_groups, make_prior("spike_slab"),
+                                component_scale=composer.component_scales()).to(images.device).eval()
+
+    def fwd():
+        with torch.no_grad():
+            features = visual(images)
+            composer.per_sample(images, guide.mean_coefficients(features), strategy="lowrank")
+    return fwd, fwd
+
+
 def bench(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -235,7 +255,7 @@ def bench(args) -> dict:
                         continue
                     # kept across calls: resident, so not in the growth; counted apart
                     workspace = composer._workspace.numel() * 4 / 2**20 if composer is not None and composer._workspace is not None else 0.0
-                    bank = low if strategy in ("lowrank", "naive-lowrank") else dense
+                    bank = low if strategy in ("lowrank", "naive-lowrank", "predict") else dense
                     row = {
                         "model": model, "layers": len(visual.transformer.resblocks), "tasks": tasks, "batch": batch,
                         "strategy": strategy, "rank": args.rank if bank is low else None,

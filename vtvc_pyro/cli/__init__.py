@@ -78,13 +78,17 @@ def add_settings(parser: ArgumentParser, settings: type) -> None:
             group.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=argparse.SUPPRESS)
 
 
-def _parser(command: Command) -> ArgumentParser:
-    """A subcommand's parser: ``--config`` first (later flags override the file), then its settings."""
+def _parser(command: Command, protocol: str | None = None) -> ArgumentParser:
+    """A subcommand's parser: ``--config`` first (later flags override the file), then its settings;
+    a command with a ``protocol`` setting takes that protocol's defaults
+    (:data:`~vtvc_pyro.config.PROTOCOL_DEFAULTS`) where the file and the flags set nothing."""
     parser = ArgumentParser(description=command.help, formatter_class=DefaultHelpFormatter, exit_on_error=False,
                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="settings from a JSON or YAML file (later flags win)")
     if command.settings is not None:
         add_settings(parser, command.settings)
+        if protocol in config.PROTOCOL_DEFAULTS and "protocol" in {f.name for f in fields(command.settings)}:
+            parser.set_defaults({"protocol": protocol, **config.PROTOCOL_DEFAULTS[protocol]})
     return parser
 
 
@@ -99,26 +103,37 @@ def _tree(commands: typing.Iterable[Command]) -> dict:
     return tree
 
 
-def _add_commands(parser: ArgumentParser, tree: dict, dest: str) -> None:
+def _add_commands(parser: ArgumentParser, tree: dict, dest: str, protocol: str | None = None) -> None:
     sub = parser.add_subcommands(dest=dest)
     for name, entry in tree.items():
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"vtvc {name} subcommands", formatter_class=DefaultHelpFormatter,
                                    exit_on_error=False, allow_abbrev=False)
             sub.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")  # jsonargparse: parents first
-            _add_commands(group, entry, f"{name}_command")
+            _add_commands(group, entry, f"{name}_command", protocol)
         else:
-            sub.add_subcommand(name, _parser(entry), help=entry.help)
+            sub.add_subcommand(name, _parser(entry, protocol), help=entry.help)
 
 
-def build_parser() -> ArgumentParser:
-    """The whole ``vtvc`` parser (cheap: no heavy import)."""
+def build_parser(protocol: str | None = None) -> ArgumentParser:
+    """The whole ``vtvc`` parser (cheap: no heavy import), with ``protocol``'s defaults where a
+    command has a protocol setting."""
     parser = ArgumentParser(prog="vtvc", description="Variational Task Vector Composition over open_clip CLIP models.",
                             formatter_class=DefaultHelpFormatter, exit_on_error=False,
                             allow_abbrev=False)
     add_settings(parser, config.MainOptions)
-    _add_commands(parser, _tree(COMMANDS), "command")
+    _add_commands(parser, _tree(COMMANDS), "command", protocol)
     return parser
+
+
+def _parse(args: list[str]) -> Namespace:
+    """Parse once to learn the protocol a command runs; when it has its own defaults, parse again
+    with them (the file and the flags still override them)."""
+    # --print_config prints and exits while parsing: the first pass must not see it
+    ns = build_parser().parse_args([a for a in args if not a.startswith("--print_config")])
+    _, options = _selected(ns)
+    protocol = options.get("protocol") if isinstance(options, Namespace) else None
+    return build_parser(protocol if config.PROTOCOL_DEFAULTS.get(protocol) else None).parse_args(args)
 
 
 def build_settings(cls: type, ns: Namespace):
@@ -154,10 +169,9 @@ def _repeated_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run ``vtvc ARGV``; an expected fault becomes one line on stderr and an exit status
     (:data:`~vtvc_pyro.errors.EXIT_STATUS`: 2 bad input, 74 I/O error, 130/143 interrupted)."""
-    parser = build_parser()
     try:
         args = forgive(list(sys.argv[1:] if argv is None else argv), _tree(COMMANDS))
-        ns = parser.parse_args(_repeated_flags(args))
+        ns = _parse(_repeated_flags(args))
     except FlagError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -345,6 +345,20 @@ def bench_addition(opts: config.BenchAdditionConfig) -> None:
     addition.main(opts)
 
 
+def bench_gradients(opts: config.BenchGradientsConfig) -> None:
+    from ..io import write_json
+    from ..protocols import gradients
+
+    unknown = sorted(set(opts.gatings) - {"expect", "drop"})
+    if unknown or opts.batch < 1 or opts.seeds < 2:
+        raise ConfigError("--gatings takes expect and/or drop, --batch >= 1 and --seeds >= 2 "
+                          f"(got gatings {opts.gatings}, batch {opts.batch}, seeds {opts.seeds})")
+    result = gradients.gradient_bench(opts.run_dir, opts.gatings, opts.batch, opts.seeds, opts.device)
+    print(gradients.markdown(result))
+    if opts.out:
+        print(f"wrote {write_json(opts.out, result)}")
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its path (``("bank", "build")`` is ``vtvc bank build``), its one-line description,
@@ -390,5 +404,7 @@ COMMANDS = (
             bench_memory),
     Command(("bench", "addition"), "One SVI step of task addition against one aTLAS step on the same batch "
             "(random weights).", config.BenchAdditionConfig, bench_addition),
+    Command(("bench", "gradients"), "The ELBO gradient's variance of a fitted run on one fixed batch, gated "
+            "sampling in training on and off.", config.BenchGradientsConfig, bench_gradients),
 )
 """Every subcommand, in the order ``vtvc --help`` lists them."""

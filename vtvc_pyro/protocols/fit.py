@@ -4,7 +4,7 @@ Usage::
 
     from vtvc_pyro import FitConfig, run_fit
     metrics = run_fit(FitConfig(target="mixed"), "runs/mixed")
-    metrics = run_fit(FitConfig(protocol="addition"), "runs/addition")
+    metrics = run_fit(FitConfig.for_protocol("addition"), "runs/addition")
 
 Adding a protocol: one module with a :class:`~vtvc_pyro.protocols.fitting.FitProtocol` subclass, one
 line in :data:`PROTOCOLS`, and its name among the choices of ``FitConfig.protocol`` (a ``Literal``:

@@ -200,8 +200,9 @@ def build_vtvc(cfg: FitConfig, composer: Composer, head: torch.Tensor, feature_d
                      settings=GuideSettings.from_config(cfg))
 
 
-LEGACY_SETTINGS = {"model": "flat", "fit_split": "train"}
-"""What a run recorded before the setting existed meant: the flat model, learning on train."""
+LEGACY_SETTINGS = {"model": "flat", "fit_split": "train", "gating": "drop"}
+"""What a run recorded before the setting existed meant: the flat model, learning on train, the
+keep rule dropping components at prediction only."""
 
 
 def fit_config_of(settings: dict, source: str = "the run's config.json") -> FitConfig:
