@@ -165,7 +165,7 @@ def test_gradient_benchmark_measures_both_gatings_on_a_fitted_run(short_run, tmp
                      "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["gating"]: r for r in result["rows"]}
-    assert set(rows) == {"drop", "expect"} and result["batch"] == 8 and result["fitted_with"] == "expect"
+    assert set(rows) == {"drop", "expect"} and result["batch"] == 8 and result["fitted_with"] == "drop"
     assert rows["drop"]["variance_ratio"] == 1.0 and rows["expect"]["seeds"] == 3
     assert all(r["total_variance"] > 0 and r["loss_sd"] >= 0 for r in rows.values())
     assert rows["expect"]["variance_ratio"] == pytest.approx(rows["expect"]["total_variance"] / rows["drop"]["total_variance"])

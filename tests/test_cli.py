@@ -131,8 +131,8 @@ def test_each_protocol_takes_its_own_defaults_unless_a_flag_or_file_sets_them(tm
         return _parse(["fit", *argv]).fit
 
     transfer, addition = fit(), fit("--protocol", "addition")
-    assert (transfer.model, transfer.svi.steps, transfer.svi.lr) == ("hierarchical", 600, 5e-3)
-    assert (addition.model, addition.svi.steps, addition.svi.lr) == ("flat", 1500, 1e-2)
+    assert (transfer.model, transfer.svi.steps, transfer.svi.lr, transfer.gating) == ("hierarchical", 600, 5e-3, "drop")
+    assert (addition.model, addition.svi.steps, addition.svi.lr, addition.gating) == ("flat", 1500, 1e-2, "expect")
     mine = fit("--protocol", "addition", "--model", "hierarchical", "--svi.steps", "9")
     assert (mine.model, mine.svi.steps, mine.svi.lr) == ("hierarchical", 9, 1e-2)
     (tmp_path / "c.json").write_text(json.dumps({"protocol": "addition", "svi": {"lr": 0.5}}))

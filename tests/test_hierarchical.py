@@ -119,7 +119,7 @@ def test_keep_rule_zeroes_small_components_at_prediction_time_only():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_expected_gating_holds_reliable_global_gates_in_training_and_prediction(training):
-    _, guide, _, f, _ = tiny()
+    _, guide, _, f, _ = tiny(gating="expect")
     with torch.no_grad():
         guide.composition["slab_loc"].fill_(0.5)
         guide.composition["slab_loc"][0].fill_(0.001)  # task 0: unreliable on every block

@@ -92,7 +92,7 @@ def test_drop_gating_is_hard_at_prediction_time_and_off_in_training():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_expected_gating_holds_reliable_gates_at_their_expectation(training):
-    _, guide, _, f, _ = tiny_problem()
+    _, guide, _, f, _ = tiny_problem(gating="expect")
     with torch.no_grad():
         guide.heads["slab_loc"][2].bias[::2].fill_(0.5)
     guide.train(training)
@@ -107,7 +107,7 @@ def test_expected_gating_holds_reliable_gates_at_their_expectation(training):
 
 
 def test_expected_gate_passes_the_gradient_to_its_logit():
-    model, guide, x, f, _ = tiny_problem()
+    model, guide, x, f, _ = tiny_problem(gating="expect")
     with torch.no_grad():
         guide.heads["slab_loc"][2].bias.fill_(0.5)  # every component reliable: every gate held
     params = guide.posterior_params(f)
@@ -121,7 +121,7 @@ def test_elbo_of_the_gated_estimator_equals_a_hand_computation():
     """Pyro's loss on one draw equals the hand-computed ELBO of the same draw: the scaled
     log-likelihood of λ = gate · slab (held gates at q(gate = 1), the others drawn) minus the
     closed-form spike-and-slab KL, both scaled by N / n and the KL by its weight."""
-    model, guide, x, f, y = tiny_problem()
+    model, guide, x, f, y = tiny_problem(gating="expect")
     with torch.no_grad():
         guide.heads["slab_loc"][2].bias[::2].fill_(0.5)
     kw = dict(num_data=50, kl_weight=0.3)

@@ -213,7 +213,10 @@ def fit_config_of(settings: dict, source: str = "the run's config.json") -> FitC
     svi_known = {f.name for f in dataclasses.fields(SVIConfig)}
     kept = {k: v for k, v in settings.items() if k in known}
     svi = {k: v for k, v in settings.get("svi", {}).items() if k in svi_known}
-    missing = sorted(known - set(kept) - set(LEGACY_SETTINGS)) + sorted(f"svi.{k}" for k in svi_known - set(svi))
+    # an SVI setting whose default is null (off) is what a run meant before the setting existed
+    svi_defaults = SVIConfig()
+    missing = sorted(known - set(kept) - set(LEGACY_SETTINGS)) + sorted(
+        f"svi.{k}" for k in svi_known - set(svi) if getattr(svi_defaults, k) is not None)
     if missing:
         log.warning("%s does not record %s: using today's defaults for them", source, ", ".join(missing))
     return FitConfig(**{**LEGACY_SETTINGS, **kept, "svi": SVIConfig(**svi)})
