@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-
 from vtvc_pyro.bayes.predictive import mean_probs, sample_draws
 from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.evaluate import accuracy_coverage
