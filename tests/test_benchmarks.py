@@ -171,3 +171,13 @@ def test_gradient_benchmark_measures_both_gatings_on_a_fitted_run(short_run, tmp
     assert rows["expect"]["variance_ratio"] == pytest.approx(rows["expect"]["total_variance"] / rows["drop"]["total_variance"])
     assert "| expect |" in capsys.readouterr().out
     assert cli_main(["bench", "gradients", str(run), "--gatings", "[sometimes]"]) == 2
+
+
+def test_composition_benchmark_times_the_one_pass_prediction(tmp_path):
+    out = tmp_path / "composition.json"
+    assert cli_main(["bench", "composition", "--models", "[tiny]", "--tasks", "[2]", "--batch", "[4]",
+                     "--strategies", "[base,predict]", "--tiny_repeats", "1", "--quiet", "true", "--out", str(out)]) == 0
+    rows = {r["strategy"]: r for r in json.loads(out.read_text())["rows"]}
+    predict = rows["predict"]
+    assert predict["fwd_s"] > 0 and predict["fwd_ratio"] == pytest.approx(predict["fwd_s"] / rows["base"]["fwd_s"], rel=0.01)
+    assert predict["rank"] == 16 and predict["task_vectors_mib"] > 0  # it composes the low-rank bank

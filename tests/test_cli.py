@@ -10,7 +10,7 @@ import pytest
 
 from vtvc_pyro import config
 from vtvc_pyro.cli import COMMANDS, build_parser, main
-from vtvc_pyro.config import BuildConfig, FitConfig
+from vtvc_pyro.config import BuildConfig, FitConfig, SVIConfig
 
 from .conftest import ROOT, run_inline
 
@@ -140,6 +140,11 @@ def test_each_protocol_takes_its_own_defaults_unless_a_flag_or_file_sets_them(tm
     assert (from_file.model, from_file.svi.steps, from_file.svi.lr) == ("flat", 1500, 0.5)
     python = FitConfig.for_protocol("addition", seed=3, svi={"steps": 20})
     assert (python.model, python.svi.steps, python.svi.lr, python.seed) == ("flat", 20, 1e-2, 3)
+    assert FitConfig.for_protocol("addition", svi=SVIConfig(steps=5)).svi == SVIConfig(steps=5)  # taken whole
+    # a run's own config.json written before `gating` existed replays with what it meant then
+    (tmp_path / "old.json").write_text(json.dumps({"protocol": "addition", "model": "flat", "run": {"argv": ["vtvc"]}}))
+    assert fit("--config", str(tmp_path / "old.json")).gating == "drop"
+    assert fit("--config", str(tmp_path / "old.json"), "--gating", "expect").gating == "expect"
 
 
 def test_every_fit_setting_has_a_flag():

@@ -16,7 +16,7 @@ from vtvc_pyro.bank import store
 from vtvc_pyro.bank.store import build_embedded_bank, load_bank
 from vtvc_pyro.cli import main
 from vtvc_pyro.config import BuildConfig
-from vtvc_pyro.errors import EXIT_STATUS, BankError
+from vtvc_pyro.errors import EXIT_STATUS, BankError, ConfigError
 from vtvc_pyro.io import write_json
 from vtvc_pyro.protocols.fit import fit_warnings
 from vtvc_pyro.run_folder import RunFolder
@@ -244,3 +244,22 @@ def test_a_run_config_missing_settings_says_what_it_fills_in(monkeypatch):
     cfg = fitting.fit_config_of(settings, "RUN/config.json")
     assert said == ["RUN/config.json does not record components, svi.steps: using today's defaults for them"]
     assert cfg.seed == 3 and cfg.fit_split == "train"  # a run without fit_split predates it: it learned on train
+
+
+def test_resume_accepts_a_run_written_before_newer_settings_existed(tmp_path):
+    """A run's config.json without ``gating`` and ``svi.local_kl_weight`` (written before them)
+    resumes under today's settings when those mean what the run did (drop; no local weight), and is
+    still refused when they do not."""
+    from dataclasses import asdict
+
+    from vtvc_pyro.config import FitConfig
+
+    settings = json.loads(json.dumps(asdict(FitConfig())))
+    older = {k: v for k, v in settings.items() if k != "gating"}
+    older["svi"] = {k: v for k, v in settings["svi"].items() if k != "local_kl_weight"}
+    folder = RunFolder(tmp_path / "run")
+    folder.prepare(older)
+    folder.write_config(older, {"argv": ["vtvc", "fit"]})
+    assert folder.prepare(settings, resume=True) is folder
+    with pytest.raises(ConfigError, match="used other settings \\(gating\\)"):
+        folder.prepare({**settings, "gating": "expect"}, resume=True)

@@ -18,7 +18,7 @@ from vtvc_pyro.compose.engine import Composer
 from vtvc_pyro.config import SVIConfig
 from vtvc_pyro.errors import ConfigError
 from vtvc_pyro.methods.learned import learn_shared_coefficients
-from vtvc_pyro.methods.merges import accuracy, nll, predict_shared
+from vtvc_pyro.methods.merges import accuracy, predict_shared
 from vtvc_pyro.data.split import Split
 
 from .conftest import random_bank
@@ -132,6 +132,8 @@ def test_expected_gating_holds_reliable_global_gates_in_training_and_prediction(
     assert torch.all(shared["gate"][:, 1:] == gate["probs"][1:])  # held at q(gate = 1) = 0.73 in every draw
     # the unreliable task draws 0/1 in training (a likelihood gradient) and is dropped at prediction
     assert set(shared["gate"][:, 0].unique().tolist()) == ({0.0, 1.0} if training else {0.0})
+
+
 def planted_problem(planted_by_domain: torch.Tensor, n: int = 600, seed: int = 0, granularity: str = "task",
                     head_scale: float = 50.0):
     """Images in ``D`` domains (a domain adds its own constant offset, visible to the base features);
@@ -168,20 +170,7 @@ def fit_hierarchical(composer, head, data, steps=300, components=1, routing=Fals
     fit_svi(model, guide, data["train"], data["val"], SVIConfig(steps=steps, eval_every=50, kl_weight=0.1),
             progress=False)
     probs, lam, inclusion = sample_probs(model, guide, data["test"].images, data["test"].features, num_samples=10)
-    return reported_accuracy(model, guide, data, probs.mean(0)), lam, inclusion, guide
-
-
-def reported_accuracy(model, guide, data, test_mc: torch.Tensor) -> float:
-    """Test accuracy of the prediction a fit reports: the one pass at the posterior mean or the
-    Monte Carlo predictive, whichever has the lower val NLL (as ``predict_vtvc`` chooses)."""
-    def mean_pass(split):
-        with torch.no_grad():
-            return torch.softmax(model.logits(split.images, guide.mean_coefficients(split.features)), -1)
-
-    val = data["val"]
-    val_mc = sample_probs(model, guide, val.images, val.features, num_samples=10)[0].mean(0)
-    use_mean = nll(mean_pass(val), val.labels) <= nll(val_mc, val.labels)
-    return accuracy(mean_pass(data["test"]) if use_mean else test_mc, data["test"].labels)
+    return accuracy(probs.mean(0), data["test"].labels), lam, inclusion, guide
 
 
 def shared_accuracy(composer, head, data) -> float:

@@ -53,9 +53,12 @@ def test_model_and_guide_sites_mirror_each_other(prior_name, guide_name):
     assert m.nodes["obs"]["scale"] == pytest.approx(10.0)  # subsampled plate: num_data / batch
 
 
+@pytest.mark.parametrize("gating", ["drop", "expect"])
 @pytest.mark.parametrize("prior_name", list(PRIORS))
-def test_vectorized_particles_broadcast(prior_name):
-    model, guide, x, f, y = tiny_problem(prior_name)
+def test_vectorized_particles_broadcast(prior_name, gating):
+    if gating == "expect" and prior_name == "spike_slab_continuous":
+        pytest.skip("refused: its gate picks the slab's scale (test_expected_gating_needs_a_gate_that_scales_its_slab)")
+    model, guide, x, f, y = tiny_problem(prior_name, gating=gating)
     with pyro.plate("particles", 4, dim=-2):
         g = poutine.trace(guide).get_trace(x, f, y)
         m = poutine.trace(poutine.replay(model, trace=g)).get_trace(x, f, y)
@@ -266,3 +269,12 @@ def test_holding_reliable_gates_lowers_the_gradient_variance():
         spread[gating] = gradient_spread(model, guide, batch, settings, SVIConfig(), seeds=12)
     assert spread["expect"]["total_variance"] < 0.5 * spread["drop"]["total_variance"], spread
     assert spread["expect"]["seeds"] == 12 and spread["expect"]["loss_sd"] < spread["drop"]["loss_sd"]
+
+
+def test_expected_gating_needs_a_gate_that_scales_its_slab():
+    with pytest.raises(ConfigError, match="spike_slab_continuous prior's does not: use --gating drop"):
+        tiny_problem("spike_slab_continuous", gating="expect")
+    with pytest.raises(ConfigError, match="use --gating drop"):  # no closed-form gate KL
+        make_guide("amortized_gated", feature_dim=64, num_tasks=3, num_groups=2,
+                   prior=make_prior("spike_slab", analytic_kl=0), gating="expect")
+    tiny_problem("spike_slab_continuous", guide_name="amortized", gating="expect")  # no keep rule: nothing held

@@ -149,6 +149,11 @@ class SVIConfig:
             raise ConfigError(f"local_kl_weight must be > 0 or null, got {self.local_kl_weight}")
 
 
+LEGACY_SETTINGS: dict[str, Any] = {"model": "flat", "fit_split": "train", "gating": "drop"}
+"""What a run recorded before the setting existed meant: the flat model, learning on train, every
+gate drawn in training (a run's ``config.json`` read by ``predict``/``export``, replayed by
+``vtvc fit --config``, or resumed)."""
+
 PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "transfer": {},
     "addition": {"model": "flat", "svi.steps": 1500, "svi.lr": 1e-2, "gating": "expect"},
@@ -184,7 +189,7 @@ class FitConfig:
         route_b: hierarchical model: Beta(a, b) prior of each task vector's use rate, b.
         granularity: one coefficient per (task, block), per (task, layer) or per task.
         gating: what the keep rule does: expect holds the gates of reliable components at their expectation in training and prediction (less gradient variance; task addition's default); drop draws every gate in training and drops unreliable components at prediction.
-        tau0: keep-rule threshold: the smallest |λ| on a task vector of its block's mean size.
+        tau0: keep-rule threshold: the smallest |μ| (gating expect: |γ·μ|, the expected coefficient) on a task vector of its block's mean size.
         beta: keep-rule threshold slope in the uncertainty.
         slab_mean_init: initial slab mean of every coefficient (0.3: AdaMerging's start).
         gate_logit_init: initial gate logit (null: the prior's inclusion logit).
@@ -235,14 +240,17 @@ class FitConfig:
     @classmethod
     def for_protocol(cls, protocol: str, **overrides) -> FitConfig:
         """The settings of ``protocol`` with its :data:`PROTOCOL_DEFAULTS`, then ``overrides`` by field
-        name (``svi`` fields as ``svi={"steps": 300}``, applied over the protocol's)."""
+        name (``svi`` fields as ``svi={"steps": 300}``, applied over the protocol's; an
+        :class:`SVIConfig` is taken whole)."""
         if protocol not in PROTOCOL_DEFAULTS:
             raise ConfigError(f"unknown protocol {protocol!r}: use {' or '.join(PROTOCOL_DEFAULTS)}")
         preset = PROTOCOL_DEFAULTS[protocol]
         svi = {k.split(".", 1)[1]: v for k, v in preset.items() if k.startswith("svi.")}
         top = {k: v for k, v in preset.items() if not k.startswith("svi.")}
-        svi.update(overrides.pop("svi", {}) or {})
-        return cls(**{**top, "protocol": protocol, **overrides, "svi": SVIConfig(**svi)})
+        given = overrides.pop("svi", None)
+        if isinstance(given, SVIConfig):
+            return cls(**{**top, "protocol": protocol, **overrides, "svi": given})
+        return cls(**{**top, "protocol": protocol, **overrides, "svi": SVIConfig(**{**svi, **(given or {})})})
 
     def validate(self) -> None:
         self.svi.validate()
@@ -614,6 +622,7 @@ class BenchGradientsConfig:
         gatings: gatings to measure (expect: reliable gates held at their expectation; drop: every gate drawn in training); the first is the reference of the ratio.
         batch: images in the fixed batch (drawn from the learning split with the run's seed).
         seeds: independent posterior draws per gating (the same seeds for each).
+        at: fitted (the run's parameters) or init (the initial state a fit of the run's settings starts from, where neither gating's objective was fitted).
         device: auto, cpu or cuda[:N].
         out: also write the result to this JSON file.
     """
@@ -622,6 +631,7 @@ class BenchGradientsConfig:
     gatings: list[str] = field(default_factory=lambda: ["drop", "expect"])
     batch: int = 64
     seeds: int = 40
+    at: Literal["fitted", "init"] = "fitted"
     device: str = "auto"
     out: Optional[str] = None
 

@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import RUN_RECORD
+from .config import LEGACY_SETTINGS, RUN_RECORD
 from .errors import ConfigError
 from .io import atomic_write, exclusive, save_safetensors, write_json
 
@@ -242,7 +242,7 @@ class RunFolder:
             if self.is_complete():
                 raise ConfigError(f"--resume: the run in {self.path} is complete, nothing to resume; pass --overwrite "
                                   "to run it again")
-            before, _ = self.read_config()
+            before = with_legacy_settings(self.read_config()[0], settings)
             changed = sorted(k for k in set(before) | set(settings)
                              if k not in WATCH_SETTINGS and before.get(k) != settings.get(k))
             if changed:
@@ -315,6 +315,16 @@ class RunFolder:
     def write_posterior(self, idata) -> Path:
         """ArviZ InferenceData as netCDF."""
         return atomic_write(self.posterior, lambda tmp: idata.to_netcdf(str(tmp)))
+
+
+def with_legacy_settings(before: dict, settings: dict) -> dict:
+    """A run's recorded settings ``before`` with what it meant for settings it predates: their
+    :data:`~vtvc_pyro.config.LEGACY_SETTINGS` value, or, among the SVI settings, an off (null) one
+    where ``settings`` has it off too; so that resuming such a run compares like with like."""
+    filled = {**{k: v for k, v in LEGACY_SETTINGS.items() if k in settings}, **before}
+    if isinstance(before.get("svi"), dict) and isinstance(settings.get("svi"), dict):
+        filled["svi"] = {**{k: v for k, v in settings["svi"].items() if v is None}, **before["svi"]}
+    return filled
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

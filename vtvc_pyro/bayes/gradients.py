@@ -1,11 +1,16 @@
 """The spread of the ELBO gradient on one fixed batch: how noisy a fit's steps are.
 
-One fitted guide, one mini-batch, ``S`` independent posterior draws (seeds ``0..S-1``): for each
-draw the loss a step would optimise and its gradient with respect to every guide parameter. The
-gradient's *total variance* is the trace of its covariance over draws, Σ_p Var_s[∂L/∂p_s]; the
-*signal* is the squared norm of the mean gradient. Comparing two estimators of the same ELBO
-gradient (gated sampling in training on and off) at the same parameters, on the same batch and the
-same seeds, isolates what the estimator contributes: the parameters, data and loss are equal.
+One guide, one mini-batch, ``S`` independent posterior draws (seeds ``0..S-1``): for each draw the
+loss a step would optimise and its gradient with respect to every guide parameter. The gradient's
+*total variance* is the trace of its covariance over draws, Σ_p Var_s[∂L/∂p_s]; the *signal* is
+the squared norm of the mean gradient, and *relative variance* their ratio (how noisy a step is
+for the size of the step it estimates). Two gatings compared at the same parameters, on the same
+batch and the same seeds, differ only in the estimator, but not in the objective alone: with
+``expect`` a held gate enters the likelihood at its expectation, so the loss and its mean gradient
+differ too. Read the total variance (the noise a step carries) together with the relative one,
+and measure at parameters neither objective was fitted to (a guide's initial state) as well as at
+a fit's: at a fit's optimum its own mean gradient is near zero, which flatters the other objective's
+relative variance.
 
 Usage::
 
@@ -47,8 +52,8 @@ def gradient_draws(model, guide, batch: Split, settings: dict, cfg: SVIConfig,
 
 def gradient_spread(model, guide, batch: Split, settings: dict, cfg: SVIConfig, seeds: int = 40) -> dict:
     """Summary of :func:`gradient_draws`: ``loss_mean``, ``loss_sd``, ``total_variance`` (Σ_p Var_s),
-    ``signal`` (‖mean gradient‖²) and ``seeds``."""
+    ``signal`` (‖mean gradient‖²), ``relative_variance`` (their ratio) and ``seeds``."""
     losses, grads = gradient_draws(model, guide, batch, settings, cfg, seeds)
-    return {"loss_mean": float(losses.mean()), "loss_sd": float(losses.std()),
-            "total_variance": float(grads.var(0).sum()), "signal": float(grads.mean(0).square().sum()),
-            "seeds": seeds}
+    variance, signal = float(grads.var(0).sum()), float(grads.mean(0).square().sum())
+    return {"loss_mean": float(losses.mean()), "loss_sd": float(losses.std()), "total_variance": variance,
+            "signal": signal, "relative_variance": variance / signal if signal > 0 else float("inf"), "seeds": seeds}

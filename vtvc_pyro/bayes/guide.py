@@ -34,8 +34,10 @@ for a large and a small task vector. What the rule does is the guide's ``gating`
   authors' development code does, it multiplies q(gate = 1) by a value below 1 and so *raises* the
   gate's variance.)
 
-The expected gate needs the gate's KL in closed form (the prior's ``kl_sites``): a gate held at a
-value has no Monte Carlo density. τ0 and β are hyperparameters chosen on val.
+The expected gate needs a gate that scales its slab (λ = ± gate · slab, the prior's
+``gate_scales_slab``) and whose KL is in closed form (the prior's ``kl_sites``: a gate held at a
+value has no Monte Carlo density); the guide refuses ``expect`` otherwise. τ0 and β are
+hyperparameters chosen on val.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def gate_site_probs(prior: Prior, params: dict, component_scale: torch.Tensor, t
             point, spread = point * torch.sigmoid(gate["logit"].detach()), spread * torch.sigmoid(gate["logit"].detach())
         reliable = keep_rule(point, spread, scale, tau0, beta)
     keep = reliable if predicting else ones
-    held = gating == "expect" and prior.gate_site in prior.kl_sites
+    held = gating == "expect" and prior.gate_scales_slab and prior.gate_site in prior.kl_sites
     fixed = reliable if held else torch.zeros_like(ones)
     gate.update(keep=keep, fixed=fixed, reliable=reliable, probs=clamp_probs(torch.sigmoid(gate["logit"]) * keep))
 
@@ -276,6 +278,10 @@ class GatedGuide(PyroModule):
                               f"beta={settings.beta}")
         if settings.gating not in GATINGS:
             raise ConfigError(f"unknown gating {settings.gating!r}: use {' or '.join(GATINGS)}")
+        if (settings.gating == "expect" and settings.gate_rule and prior.has_gate
+                and not (prior.gate_scales_slab and prior.gate_site in prior.kl_sites)):
+            raise ConfigError(f"--gating expect holds gates at their expectation, which needs a gate that scales its "
+                              f"slab with a closed-form KL; the {prior.name} prior's does not: use --gating drop")
         self.settings = settings
         self.num_tasks, self.num_groups = num_tasks, num_groups
         self.prior = prior
@@ -347,8 +353,8 @@ class AmortizedGatedGuide(GatedGuide):
 
         Returns:
             site name -> parameters: ``loc`` and ``scale`` for continuous sites (log scale for
-            positive ones); for the gate ``logit``, ``keep`` (the hard rule in eval, ones in
-            training) and ``probs`` = sigmoid(logit) · keep.
+            positive ones); for the gate ``logit``, ``reliable``, ``keep``, ``fixed`` and ``probs``
+            (:func:`gate_site_probs`).
         """
         n = features.shape[0]
         out = {}

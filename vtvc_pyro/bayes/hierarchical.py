@@ -261,7 +261,8 @@ class HierarchicalGuide(GatedGuide):
 
     # ------------------------------------------------------------ posterior parameters
     def composition_params(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The global posterior's parameters per site, each ``[*site shape]`` (gates: ``logit``, ``keep``, ``probs``)."""
+        """The global posterior's parameters per site, each ``[*site shape]`` (gates: ``logit``, ``reliable``,
+        ``keep``, ``fixed``, ``probs``: :func:`~vtvc_pyro.bayes.guide.gate_site_probs`)."""
         out = {}
         for site in self.prior.sites:
             if site.support == "binary":
@@ -377,8 +378,8 @@ class HierarchicalGuide(GatedGuide):
     @torch.no_grad()
     def summary(self) -> dict[str, torch.Tensor]:
         """The global posterior in eval mode: ``inclusion`` (q(gate = 1) after the keep rule),
-        ``lam_bar`` (point values) and ``kept`` (the components the keep rule finds reliable), each ``[T, G]`` (``[K, T, G]`` with K > 1), and,
-        with routing, ``rho_mean [T]``."""
+        ``lam_bar`` (point values) and ``kept`` (the components the keep rule finds reliable), each
+        ``[T, G]`` (``[K, T, G]`` with K > 1), and, with routing, ``rho_mean [T]``."""
         params = self.composition_params()
         values = point_values(self.prior, params)
         lam_bar = self.prior.combine(values)

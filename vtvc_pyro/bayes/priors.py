@@ -60,6 +60,9 @@ class Prior:
     gate_site: str | None = None  # the binary site the guide's keep rule acts on
     value_site: str = "slab"  # the site whose |mean| and spread drive the keep rule
     kl_sites: tuple[str, ...] = ()  # sites whose KL :meth:`kl` gives in closed form (masked out of the Monte Carlo ELBO)
+    # λ = ± gate × slab with q(slab) not depending on the gate's value: the gate may be held at its
+    # expectation (the guide's gating "expect")
+    gate_scales_slab: bool = False
 
     @property
     def has_gate(self) -> bool:
@@ -172,6 +175,7 @@ class SpikeAndSlab(Prior):
     formula = "p(λ) = (1−π) δ0 + π N(0, σ0²);  λ = gate · slab"
     sites = (Site("gate", "tg", "binary"), Site("slab", "tg", "real"))
     gate_site = "gate"
+    gate_scales_slab = True
 
     def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, analytic_kl: float = 1.0):
         self.pi = _probability("pi", pi)
@@ -218,6 +222,7 @@ class ContinuousSpikeAndSlab(SpikeAndSlab):
 
     name = "spike_slab_continuous"
     formula = "p(λ) = (1−π) N(0, σ_spike²) + π N(0, σ0²);  λ = slab, its scale chosen by gate"
+    gate_scales_slab = False  # the gate picks the slab's scale: a gate held between 0 and 1 means nothing
 
     def __init__(self, pi: float = 0.5, slab_scale: float = 1.0, spike_scale: float = 0.01, analytic_kl: float = 1.0):
         super().__init__(pi, slab_scale, analytic_kl)

@@ -2,12 +2,12 @@
 
 Models:
 
-- ``hierarchical`` (default): a global sparse composition λ̄ outside the data plate, routed per
+- ``hierarchical`` (the transfer default): a global sparse composition λ̄ outside the data plate, routed per
   image (:mod:`.hierarchical`).
-- ``flat``: every coefficient local to its image, λ_i ~ prior (:mod:`.model`, :mod:`.guide`).
+- ``flat`` (the task-addition default): every coefficient local to its image, λ_i ~ prior (:mod:`.model`, :mod:`.guide`).
 
-Guides (:data:`~vtvc_pyro.bayes.guide.GUIDES`): ``amortized_gated`` (amortized, keep rule at
-prediction time), ``amortized`` (no keep rule), ``global`` (task-level VI: the hierarchical model
+Guides (:data:`~vtvc_pyro.bayes.guide.GUIDES`): ``amortized_gated`` (amortized, with the keep
+rule as its ``gating`` setting says), ``amortized`` (no keep rule), ``global`` (task-level VI: the hierarchical model
 without its per-image part; the flat model has no global latent and refuses it).
 """
 

@@ -78,17 +78,17 @@ def add_settings(parser: ArgumentParser, settings: type) -> None:
             group.add_argument(f"--{f.name}", type=hints[f.name], default=f.default, help=argparse.SUPPRESS)
 
 
-def _parser(command: Command, protocol: str | None = None) -> ArgumentParser:
+def _parser(command: Command, defaults: dict | None = None) -> ArgumentParser:
     """A subcommand's parser: ``--config`` first (later flags override the file), then its settings;
-    a command with a ``protocol`` setting takes that protocol's defaults
-    (:data:`~vtvc_pyro.config.PROTOCOL_DEFAULTS`) where the file and the flags set nothing."""
+    a command with a ``protocol`` setting takes ``defaults`` (see :func:`_parse`) where the file and
+    the flags set nothing."""
     parser = ArgumentParser(description=command.help, formatter_class=DefaultHelpFormatter, exit_on_error=False,
                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="settings from a JSON or YAML file (later flags win)")
     if command.settings is not None:
         add_settings(parser, command.settings)
-        if protocol in config.PROTOCOL_DEFAULTS and "protocol" in {f.name for f in fields(command.settings)}:
-            parser.set_defaults({"protocol": protocol, **config.PROTOCOL_DEFAULTS[protocol]})
+        if defaults and "protocol" in {f.name for f in fields(command.settings)}:
+            parser.set_defaults(defaults)
     return parser
 
 
@@ -103,37 +103,27 @@ def _tree(commands: typing.Iterable[Command]) -> dict:
     return tree
 
 
-def _add_commands(parser: ArgumentParser, tree: dict, dest: str, protocol: str | None = None) -> None:
+def _add_commands(parser: ArgumentParser, tree: dict, dest: str, defaults: dict | None = None) -> None:
     sub = parser.add_subcommands(dest=dest)
     for name, entry in tree.items():
         if isinstance(entry, dict):
             group = ArgumentParser(description=f"vtvc {name} subcommands", formatter_class=DefaultHelpFormatter,
                                    exit_on_error=False, allow_abbrev=False)
             sub.add_subcommand(name, group, help=f"{name}: {', '.join(entry)}")  # jsonargparse: parents first
-            _add_commands(group, entry, f"{name}_command", protocol)
+            _add_commands(group, entry, f"{name}_command", defaults)
         else:
-            sub.add_subcommand(name, _parser(entry, protocol), help=entry.help)
+            sub.add_subcommand(name, _parser(entry, defaults), help=entry.help)
 
 
-def build_parser(protocol: str | None = None) -> ArgumentParser:
-    """The whole ``vtvc`` parser (cheap: no heavy import), with ``protocol``'s defaults where a
-    command has a protocol setting."""
+def build_parser(defaults: dict | None = None) -> ArgumentParser:
+    """The whole ``vtvc`` parser (cheap: no heavy import), with ``defaults`` for the settings of a
+    command that has a protocol setting."""
     parser = ArgumentParser(prog="vtvc", description="Variational Task Vector Composition over open_clip CLIP models.",
                             formatter_class=DefaultHelpFormatter, exit_on_error=False,
                             allow_abbrev=False)
     add_settings(parser, config.MainOptions)
-    _add_commands(parser, _tree(COMMANDS), "command", protocol)
+    _add_commands(parser, _tree(COMMANDS), "command", defaults)
     return parser
-
-
-def _parse(args: list[str]) -> Namespace:
-    """Parse once to learn the protocol a command runs; when it has its own defaults, parse again
-    with them (the file and the flags still override them)."""
-    # --print_config prints and exits while parsing: the first pass must not see it
-    ns = build_parser().parse_args([a for a in args if not a.startswith("--print_config")])
-    _, options = _selected(ns)
-    protocol = options.get("protocol") if isinstance(options, Namespace) else None
-    return build_parser(protocol if config.PROTOCOL_DEFAULTS.get(protocol) else None).parse_args(args)
 
 
 def build_settings(cls: type, ns: Namespace):
@@ -164,6 +154,30 @@ def _repeated_flags(argv: list[str]) -> list[str]:
         if arg in REPEATABLE and not out[i + 1].lstrip().startswith("["):
             out[i] = f"{arg}+"
     return out
+
+
+FIRST_PASS_SKIPS = ("-h", "--help", "--print_config")
+"""Flags that print and exit while parsing: the first pass of :func:`_parse` must not see them."""
+
+
+def _parse(args: list[str]) -> Namespace:
+    """Parse once to learn what a command runs, then again with the defaults that follow from it:
+    a replayed run's ``config.json`` (it carries a ``run`` record) takes
+    :data:`~vtvc_pyro.config.LEGACY_SETTINGS` for the settings it predates; otherwise a protocol
+    with its own defaults (:data:`~vtvc_pyro.config.PROTOCOL_DEFAULTS`) takes those. The file
+    and the flags still override either."""
+    first_args = [a for a in args if not a.startswith(FIRST_PASS_SKIPS)]
+    try:
+        _, options = _selected(build_parser().parse_args(first_args))
+    except (argparse.ArgumentError, SystemExit, KeyError):  # the full parse reports it (or prints the help)
+        return build_parser().parse_args(args)
+    defaults = None
+    if isinstance(options, Namespace) and "protocol" in options:
+        if options.get("run"):
+            defaults = dict(config.LEGACY_SETTINGS)
+        elif config.PROTOCOL_DEFAULTS.get(options.protocol):
+            defaults = {"protocol": options.protocol, **config.PROTOCOL_DEFAULTS[options.protocol]}
+    return build_parser(defaults).parse_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

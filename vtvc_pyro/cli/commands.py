@@ -353,7 +353,7 @@ def bench_gradients(opts: config.BenchGradientsConfig) -> None:
     if unknown or opts.batch < 1 or opts.seeds < 2:
         raise ConfigError("--gatings takes expect and/or drop, --batch >= 1 and --seeds >= 2 "
                           f"(got gatings {opts.gatings}, batch {opts.batch}, seeds {opts.seeds})")
-    result = gradients.gradient_bench(opts.run_dir, opts.gatings, opts.batch, opts.seeds, opts.device)
+    result = gradients.gradient_bench(opts.run_dir, opts.gatings, opts.batch, opts.seeds, opts.device, opts.at)
     print(gradients.markdown(result))
     if opts.out:
         print(f"wrote {write_json(opts.out, result)}")

@@ -28,7 +28,7 @@ from ..bayes.router import RouterFit, make_flat_twin, tuned_point_estimate, tune
 from ..bayes.svi import FitResult, fit_svi
 from ..compose.engine import Composer
 from ..compose.heads import TaskHeads
-from ..config import DEFAULT_BANK, FitConfig, SVIConfig
+from ..config import DEFAULT_BANK, LEGACY_SETTINGS, FitConfig, SVIConfig
 from ..data.split import Split, few_shot_rows
 from ..data.suite import TaskData
 from ..diagnostics import site_events, to_inference_data
@@ -198,11 +198,6 @@ def build_vtvc(cfg: FitConfig, composer: Composer, head: torch.Tensor, feature_d
     return make_vtvc(cfg.model, cfg.guide, composer, head, make_prior(cfg.prior, **cfg.prior_args), feature_dim,
                      route_a=cfg.route_a, route_b=cfg.route_b, components=components, routing=cfg.routing,
                      settings=GuideSettings.from_config(cfg))
-
-
-LEGACY_SETTINGS = {"model": "flat", "fit_split": "train", "gating": "drop"}
-"""What a run recorded before the setting existed meant: the flat model, learning on train, the
-keep rule dropping components at prediction only."""
 
 
 def fit_config_of(settings: dict, source: str = "the run's config.json") -> FitConfig:
