@@ -160,7 +160,7 @@ PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 """Each protocol's own defaults where they differ from :class:`FitConfig`'s (the transfer
 protocol's), chosen on val (docs/results.md): task addition fits the flat model for 1,500 steps at
-lr 1e-2 (val NLL 0.276 / 0.281 / 0.288 against the hierarchical model's best 0.367 / 0.352 / 0.321
+lr 1e-2 (val NLL 0.275 / 0.281 / 0.288 against the hierarchical model's best 0.367 / 0.352 / 0.321
 over seeds 0-2; best val steps 650-1,250) with gated sampling in training (``gating expect``: val
 NLL 0.250 / 0.252 / 0.258). Transfer keeps ``gating drop``: with few images per class the held
 gates lost on val (``mixed``, 4 and 16 per class). The command line applies them where neither a
