@@ -10,7 +10,6 @@ differs is the estimator (and, see :mod:`vtvc_pyro.bayes.gradients`, the objecti
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from ..io import resolve_device
 from ..run_folder import RunFolder
 from .fit import protocol_for
 from .fitting import build_vtvc, fit_config_of
-
-log = logging.getLogger(__name__)
 
 
 def gradient_bench(run_dir: str | Path, gatings: list[str], batch_size: int = 64, seeds: int = 40,
