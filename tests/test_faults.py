@@ -4,7 +4,6 @@ one line that says what to do, and nothing already on disk lost."""
 
 import errno
 import json
-import os
 import shutil
 import signal
 import threading
@@ -180,7 +179,10 @@ def test_a_signal_outside_svi_ends_in_one_line_and_its_own_status(bank_path, tmp
     from vtvc_pyro.protocols import transfer
 
     def load_then_signal(*args, **kwargs):
-        os.kill(os.getpid(), signum)  # arrives while the data loads, before SVI's own handler is installed
+        # arrives while the data loads, before SVI's own handler is installed; raise_signal delivers it
+        # to this (the main) thread, so its handler runs before the next line: os.kill may hand it
+        # to a torch or tqdm thread, and the main thread would notice it only later
+        signal.raise_signal(signum)
         raise AssertionError("the signal should have stopped the run")
 
     monkeypatch.setattr(transfer, "load_target", load_then_signal)

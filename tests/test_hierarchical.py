@@ -208,15 +208,6 @@ def test_mixture_assigns_planted_domains_and_beats_one_composition():
     assert (importance.argmax(-1) == domains).float().mean() > 0.9  # each domain's own vector ranks first
 
 
-def test_mixture_with_expected_gates_assigns_domains_and_beats_one_composition():
-    planted = torch.tensor([[1.5, 0.0, 0.0], [0.0, 1.5, 0.0]])
-    composer, head, data, domains = planted_problem(planted)
-    acc, _, _, guide = fit_hierarchical(composer, head, data, components=2, gating="expect")
-    assign = guide.component_probs(data["test"].features).argmax(-1)
-    assert max(float((assign == domains).float().mean()), float((assign != domains).float().mean())) > 0.95
-    assert acc > shared_accuracy(composer, head, data) + 0.1
-
-
 def test_mixture_enumerates_the_component_exactly():
     model, guide, x, f, y = tiny(components=3, routing=False)
     g = poutine.trace(guide).get_trace(x, f, y, num_data=50)

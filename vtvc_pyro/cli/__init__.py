@@ -168,7 +168,8 @@ def _parse(args: list[str]) -> Namespace:
     and the flags still override either."""
     first_args = [a for a in args if not a.startswith(FIRST_PASS_SKIPS)]
     try:
-        _, options = _selected(build_parser().parse_args(first_args))
+        first = build_parser().parse_args(first_args)
+        _, options = _selected(first)
     except (argparse.ArgumentError, SystemExit, KeyError):  # the full parse reports it (or prints the help)
         return build_parser().parse_args(args)
     defaults = None
@@ -177,6 +178,8 @@ def _parse(args: list[str]) -> Namespace:
             defaults = dict(config.LEGACY_SETTINGS)
         elif config.PROTOCOL_DEFAULTS.get(options.protocol):
             defaults = {"protocol": options.protocol, **config.PROTOCOL_DEFAULTS[options.protocol]}
+    if defaults is None and first_args == args:
+        return first  # nothing changes: the first pass is the parse
     return build_parser(defaults).parse_args(args)
 
 
