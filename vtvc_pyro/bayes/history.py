@@ -12,8 +12,9 @@ Columns of ``history.csv`` (:data:`COLUMNS`; an empty cell: not measured at that
 * ``lr``: the networks' learning rate at the step; ``global_lr``: the global posterior's (the
   hierarchical model's ``composition``), empty without one;
 * ``grad_norm``: the gradient norm before clipping (what ``clip_grad_norm_`` returns);
-* ``kept_fraction``: the fraction of (task, group) coefficients the keep rule keeps (the
-  hierarchical guide's ``summary()["kept"]``), empty for guides without one;
+* ``kept_fraction``: the fraction of (task, group) coefficients the keep rule finds reliable (kept
+  at prediction; held at their expectation with ``gating expect``): the hierarchical guide's
+  ``summary()["kept"]``, empty for guides without one;
 * ``val_nll``, ``val_accuracy``, ``val_score``: the val record of eval steps (``val_score``: what
   selects the best state, higher is better), empty otherwise.
 
