@@ -187,7 +187,13 @@ def test_a_signal_outside_svi_ends_in_one_line_and_its_own_status(bank_path, tmp
 
     monkeypatch.setattr(transfer, "load_target", load_then_signal)
     before = signal.getsignal(signal.SIGTERM)
-    proc = run_inline("--bank", str(bank_path), "--out", str(tmp_path / "run"), *TINY)
+    # Python's own SIGINT handler, as at a terminal: a shell that starts the suite in the background
+    # without job control hands it SIGINT ignored, and then no signal would arrive at all
+    interactive = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = run_inline("--bank", str(bank_path), "--out", str(tmp_path / "run"), *TINY)
+    finally:
+        signal.signal(signal.SIGINT, interactive)
     assert proc.returncode == status and one_line(proc.stderr) and word in proc.stderr
     assert signal.getsignal(signal.SIGTERM) == before  # the command put the handler back
 
