@@ -19,7 +19,7 @@ from vtvc_pyro.evaluate import accuracy_coverage
 from vtvc_pyro.io import resolve_device
 from vtvc_pyro.methods.merges import accuracy, nll
 from vtvc_pyro.protocols.fit import protocol_for
-from vtvc_pyro.protocols.fitting import build_vtvc, fit_config_of
+from vtvc_pyro.protocols.fitting import build_vtvc, fit_config_of, load_guide_from_run
 from vtvc_pyro.run_folder import RunFolder
 
 
@@ -31,11 +31,9 @@ def main(run_dir: str, draws: list[int]) -> None:
     device = resolve_device("cpu")
     target = protocol_for(cfg.protocol).load(cfg, device)
     composer = Composer(target.bank.model.visual, target.bank.vectors, cfg.granularity)
-    state, meta = folder.read_guide()
     test = target.data["test"]
-    model, guide = build_vtvc(cfg, composer, target.head, test.features.shape[1], int(meta.get("components", 1)))
-    guide.load_state_dict(state)
-    guide.eval()
+    guide = load_guide_from_run(run_dir, composer, target.head, test.features.shape[1])
+    model, _ = build_vtvc(cfg, composer, target.head, test.features.shape[1], getattr(guide, "components", 1))
     rows = {"one pass (posterior mean)": mean_probs(model, guide, test.images, test.features, classes=test.classes)}
     for s in draws:
         probs_s, _, _ = sample_draws(model, guide, test.images, test.features, s, cfg.svi.eval_temperature,

@@ -628,7 +628,7 @@ class BenchGradientsConfig:
     """
 
     run_dir: str = positional()
-    gatings: list[str] = field(default_factory=lambda: ["drop", "expect"])
+    gatings: list[Literal["expect", "drop"]] = field(default_factory=lambda: ["drop", "expect"])
     batch: int = 64
     seeds: int = 40
     at: Literal["fitted", "init"] = "fitted"

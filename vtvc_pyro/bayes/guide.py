@@ -96,7 +96,8 @@ def gate_site_probs(prior: Prior, params: dict, component_scale: torch.Tensor, t
         while point.dim() > gate["logit"].dim():
             point, spread, scale = point.abs().mean(-1), spread.mean(-1), scale.mean(-1)
         if gating == "expect":  # importance of the expected coefficient γ·μ: a gate that is mostly off is not held
-            point, spread = point * torch.sigmoid(gate["logit"].detach()), spread * torch.sigmoid(gate["logit"].detach())
+            inclusion = torch.sigmoid(gate["logit"].detach())
+            point, spread = point * inclusion, spread * inclusion
         reliable = keep_rule(point, spread, scale, tau0, beta)
     keep = reliable if predicting else ones
     held = gating == "expect" and prior.gate_scales_slab and prior.gate_site in prior.kl_sites
